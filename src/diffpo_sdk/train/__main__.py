@@ -1,0 +1,208 @@
+"""``python -m diffpo_sdk.train`` / ``diffpo train``: train a refiner and print the evaluation table.
+
+Flags are ``DiffPOConfig`` fields (all ``TrainingArguments`` plus the DiffPO ones), with
+dash or underscore spellings; ``--config FILE`` (YAML or JSON) gives defaults that later
+flags override. Runs unchanged under ``accelerate launch -m diffpo_sdk.train``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("diffpo_sdk.train")
+
+
+def config_to_argv(path: str) -> list[str]:
+    """A YAML/JSON mapping -> flags, so the file and the command line share one parser."""
+    text = Path(path).read_text()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        cfg = yaml.safe_load(text) or {}
+    else:
+        cfg = json.loads(text)
+    if not isinstance(cfg, dict):
+        raise SystemExit(f"{path}: expected a mapping of option names to values")
+    argv: list[str] = []
+    for key, value in cfg.items():
+        flag = "--" + str(key).replace("-", "_")
+        if isinstance(value, list):
+            argv += [flag, *map(str, value)]
+        elif isinstance(value, bool):
+            argv += [flag, "true" if value else "false"]
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def parse_config(argv: list[str]) -> Any:
+    from transformers import HfArgumentParser
+
+    from .trainer import DiffPOConfig
+
+    argv = list(argv)
+    if "--config" in argv:
+        i = argv.index("--config")
+        argv = config_to_argv(argv[i + 1]) + argv[:i] + argv[i + 2:]
+    elif len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
+        argv = config_to_argv(argv[0])
+    (cfg,) = HfArgumentParser(DiffPOConfig).parse_args_into_dataclasses(args=argv)
+    if cfg.data is None:
+        raise SystemExit("diffpo train: --data is required (trajectories JSONL from `diffpo data build`)")
+    return cfg
+
+
+def load_refiner(cfg: Any) -> tuple[Any, Any]:
+    """The engine's loader (hub id, folder, GGUF, built-in SmolLM2), made trainable, LoRA optional."""
+    import torch
+
+    from ..engine.loading import load_model_and_tokenizer, resolve_dtype
+
+    model, tok, _ = load_model_and_tokenizer(cfg.model, device=torch.device("cpu"), dtype=resolve_dtype(cfg.model_dtype))
+    model.requires_grad_(True).train()
+    if cfg.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r, lora_dropout=cfg.lora_dropout,
+                          target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM")
+        model = get_peft_model(model, lcfg)
+        # the engine resolves the base by the user's name (works for the built-in GGUF too)
+        model.peft_config["default"].base_model_name_or_path = cfg.model
+    return model, tok
+
+
+def build_datasets(cfg: Any, model: Any, tok: Any) -> tuple[Any, Any, list[dict], list[dict]]:
+    """Train/held-out datasets, Jacobi states where asked, and the held-out refine items."""
+    from ..engine import templating
+    from .data import load_trajectories
+    from .states import build_states, load_or_build
+    from .trainer import TrajectoryDataset, split_by_prompt
+
+    records = load_trajectories(cfg.data)
+    if cfg.eval_data:
+        train_recs, held = records, load_trajectories(cfg.eval_data)[: cfg.max_eval_prompts]
+    else:
+        train_recs, held = split_by_prompt(records, cfg.eval_fraction, cfg.max_eval_prompts)
+    n = cfg.max_response_tokens
+    stop = templating.stop_token_ids(tok, model.config, getattr(model, "generation_config", None))
+    probe = TrajectoryDataset(held[:1], tok, n, cfg.max_prompt_tokens, stop_ids=stop)
+
+    def states_for(recs: list[dict], name: str) -> list[dict]:
+        prompts = [templating.prompt_ids(tok, r["messages"])[-cfg.max_prompt_tokens:] for r in recs]
+        drafts = [templating.draft_ids(tok, (r.get("others") or [r["target"]])[0]) + [probe.eot] for r in recs]
+        key = f"{cfg.model}|{cfg.data}|{n}|{cfg.jacobi_states_per_prompt}|{len(recs)}|{cfg.seed}"
+        return load_or_build(Path(cfg.jacobi_states_dir or cfg.output_dir) / f"jacobi_states_{name}.json", key, lambda: build_states(
+            model, tok, prompts, drafts, n, probe.eot, stop, cfg.jacobi_states_per_prompt,
+            cfg.per_device_eval_batch_size, cfg.seed, not cfg.disable_tqdm))
+
+    train_states = states_for(train_recs, "train") if cfg.trajectory_source != "answers" else None
+    held_states = states_for(held, "heldout") if cfg.final_eval or cfg.trajectory_source != "answers" else None
+    train_ds = TrajectoryDataset(train_recs, tok, n, cfg.max_prompt_tokens, cfg.trajectory_source, train_states,
+                                 cfg.seed, stop)
+    eval_ds = TrajectoryDataset(held, tok, n, cfg.max_prompt_tokens, "answers" if held_states is None else
+                                cfg.trajectory_source, held_states, cfg.seed, stop)
+    draft_items = [{"messages": r["messages"], "draft": (r.get("others") or [r["target"]])[0]} for r in held]
+    state_items = []
+    if held_states:
+        for r, s in zip(held, held_states):
+            ids = s["states"][0]
+            cut = next((i for i, t in enumerate(ids) if t in stop), len(ids))
+            state_items.append({"messages": r["messages"], "draft": tok.decode(ids[:cut])})
+    return train_ds, eval_ds, draft_items, state_items
+
+
+def model_card(cfg: Any, table: str, base_metrics: dict | None, final: dict | None, guard: str | None) -> str:
+    keys = ["consistency_weight", "consistency_warmup_ratio", "consistency_mask", "consistency_normalize",
+            "trajectory_source", "max_response_tokens", "learning_rate", "num_train_epochs", "max_steps",
+            "per_device_train_batch_size", "gradient_accumulation_steps", "lora_r", "seed"]
+    conf = "\n".join(f"- `{k}`: {getattr(cfg, k)}" for k in keys)
+    return (f"---\nbase_model: {cfg.model}\nlibrary_name: diffpo-sdk\ntags: [diffpo, refiner]\n---\n\n"
+            f"# DiffPO refiner trained from `{cfg.model}`\n\nTrained with `python -m diffpo_sdk.train` "
+            f"(L = L_AR + w * L_Con, paper eq. 6) on `{cfg.data}`.\n\n"
+            f"Serve it with `diffpo serve --model {cfg.output_dir}` or "
+            f"`RefinerEngine.from_pretrained({cfg.output_dir!r})`.\n\n## Configuration\n\n{conf}\n\n"
+            f"## Evaluation (held-out prompts)\n\n{table or '(final evaluation disabled)'}\n\n"
+            + (f"**Collapse guard fired:** {guard}\n" if guard else "Collapse guards held.\n"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = parse_config(argv)
+
+    import torch
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from .evaluate import evaluate_refiner, write_table
+    from .trainer import DiffPOTrainer
+
+    if os.environ.get("DIFFPO_TRAIN_THREADS"):
+        torch.set_num_threads(int(os.environ["DIFFPO_TRAIN_THREADS"]))
+    torch.manual_seed(cfg.seed)
+    model, tok = load_refiner(cfg)
+    train_ds, eval_ds, draft_items, state_items = build_datasets(cfg, model, tok)
+    log.info("%d training prompts, %d held out, source=%s", len(train_ds), len(eval_ds), cfg.trajectory_source)
+
+    block: int | str = cfg.max_response_tokens if cfg.eval_block_size == "full" else (
+        cfg.eval_block_size if cfg.eval_block_size == "auto" else int(cfg.eval_block_size))
+    loss_kw = {"mask": cfg.consistency_mask, "normalize": cfg.consistency_normalize, "chunk": cfg.kl_chunk}
+    columns: dict[str, dict[str, float]] = {}
+    resume = cfg.resume_from_checkpoint
+    if resume in ("true", "True", "last"):
+        resume = get_last_checkpoint(cfg.output_dir)
+    eval_path = Path(cfg.output_dir) / "eval_before.json"
+    if cfg.final_eval and cfg.process_index == 0:
+        if eval_path.is_file():  # resuming: the untrained model was measured already
+            columns["before"] = json.loads(eval_path.read_text())
+        else:
+            t0 = time.time()
+            columns["before"] = evaluate_refiner(model, tok, eval_ds, draft_items=draft_items, state_items=state_items,
+                                                 block_size=block, batch_size=cfg.per_device_eval_batch_size, **loss_kw)
+            eval_path.parent.mkdir(parents=True, exist_ok=True)
+            eval_path.write_text(json.dumps(columns["before"]))
+            log.info("evaluated the untrained model in %.0f s", time.time() - t0)
+    model.train()
+
+    trainer = DiffPOTrainer(model=model, args=cfg, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok)
+    t0 = time.time()
+    trainer.train(resume_from_checkpoint=resume)
+    train_s = time.time() - t0
+
+    save_model(trainer, cfg, tok)
+    table = ""
+    if cfg.final_eval and trainer.is_world_process_zero():
+        final = trainer.model
+        columns["after"] = evaluate_refiner(final, tok, eval_ds, draft_items=draft_items, state_items=state_items,
+                                            block_size=block, batch_size=cfg.per_device_eval_batch_size, **loss_kw)
+        table = write_table(cfg.output_dir, columns, {"train_seconds": train_s, "steps": trainer.state.global_step,
+                                                       "block_size": block, "guard": trainer.guard_tripped})
+        print("\n" + table + "\n")
+    if trainer.is_world_process_zero():
+        (Path(cfg.output_dir) / "README.md").write_text(
+            model_card(cfg, table, columns.get("before"), columns.get("after"), trainer.guard_tripped))
+    return 0
+
+
+def save_model(trainer: Any, cfg: Any, tok: Any) -> None:
+    """Adapter or full model + tokenizer in ``output_dir``: loads in ``RefinerEngine.from_pretrained``."""
+    model = trainer.model
+    if cfg.lora_r > 0 and cfg.merge_lora:
+        merged = model.merge_and_unload()
+        if trainer.is_world_process_zero():
+            merged.save_pretrained(cfg.output_dir)
+            tok.save_pretrained(cfg.output_dir)
+        trainer.model = merged
+        return
+    trainer.save_model(cfg.output_dir)
+    if trainer.is_world_process_zero():
+        tok.save_pretrained(cfg.output_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Held-out measures that tell whether a refiner got better or just degenerate.
+
+- ``ar_loss``: next-token loss on the held-out target (best) answers; rises when the model
+  forgets how to write good answers.
+- ``repetition``: share of repeated 3-grams in refined outputs; the signature of collapse
+  (a model that ignores its prefix loops).
+- ``passes_per_token``: forward passes per refined token when the engine refines held-out
+  drafts (other models' answers) and held-out partial Jacobi states; 1.0 = autoregressive.
+- ``preference_accuracy``: how often the target gets a higher length-normalised
+  log-likelihood than a lower-ranked answer. Only meaningful beside an SFT-only control.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .loss import answer_logits, token_nll
+
+
+def repetition_rate(sequences: list[list[int]], n: int = 3) -> float:
+    """Share of n-grams that repeat an earlier n-gram of the same sequence, over all sequences."""
+    total = repeated = 0
+    for seq in sequences:
+        grams = [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+        total += len(grams)
+        repeated += len(grams) - len(set(grams))
+    return repeated / total if total else 0.0
+
+
+@torch.no_grad()
+def heldout_losses(model: Any, dataset: Any, collator: Any, batch_size: int = 8,
+                   weight: float = 1.0, **loss_kw: Any) -> dict[str, float]:
+    """Token-weighted L_AR on the targets and L_Con (deterministic students) over a dataset."""
+    from .loss import diffpo_loss
+
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    ar_sum = ar_n = con_sum = batches = 0.0
+    for i in range(0, len(dataset), batch_size):
+        batch = collator([dataset.get(j, deterministic=True) for j in range(i, min(i + batch_size, len(dataset)))])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = diffpo_loss(model, batch, weight, **loss_kw)
+        n = float(batch["target_mask"].sum())
+        ar_sum += float(out.ar_loss) * n
+        ar_n += n
+        con_sum += float(out.con_loss)
+        batches += 1
+    model.train(was)
+    return {"ar_loss": ar_sum / max(ar_n, 1), "con_loss": con_sum / max(batches, 1)}
+
+
+@torch.no_grad()
+def preference_accuracy(model: Any, dataset: Any, pad: int, batch_size: int = 8) -> float:
+    """Pairwise: target vs each lower-ranked answer, by mean log-likelihood per answer token."""
+    from .states import _left_pad
+
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    pairs = []  # (prompt, answer tokens incl. stop, is_target, group)
+    for k, item in enumerate(dataset.items):
+        pairs.append((item["prompt"], item["target"], True, k))
+        pairs += [(item["prompt"], o, False, k) for o in item["others"]]
+    scores: list[float] = []
+    n = dataset.n
+    for i in range(0, len(pairs), batch_size):
+        part = pairs[i:i + batch_size]
+        answers = [dataset.padded(a) for _, a, _, _ in part]
+        ids, mask = _left_pad([p + a for (p, _, _, _), a in zip(part, answers)], pad)
+        ids, mask = ids.to(device), mask.to(device)
+        nll = token_nll(answer_logits(model, ids, mask, n), torch.tensor(answers, device=device))
+        amask = torch.tensor([dataset.answer_mask(a) for _, a, _, _ in part], device=device, dtype=torch.float)
+        scores += (-(nll * amask).sum(-1) / amask.sum(-1)).tolist()
+    model.train(was)
+    best: dict[int, float] = {}
+    others: dict[int, list[float]] = {}
+    for (_, _, is_t, k), s in zip(pairs, scores):
+        if is_t:
+            best[k] = s
+        else:
+            others.setdefault(k, []).append(s)
+    wins = [best[k] > s for k in best for s in others.get(k, [])]
+    return sum(wins) / len(wins) if wins else float("nan")
+
+
+def refine_metrics(model: Any, tokenizer: Any, items: list[dict], n: int, block_size: int | str) -> dict[str, float]:
+    """Refine ``items`` ({messages, draft}) with the engine: passes per token and repetition."""
+    from ..engine import RefinerEngine
+
+    was = model.training
+    engine = RefinerEngine(model, tokenizer, name="eval", max_batch_size=8)
+    results = engine.refine(items, block_size=block_size, max_new_tokens=n)
+    model.train(was)
+    passes = sum(r.iterations for r in results)
+    tokens = sum(r.new_tokens for r in results)
+    return {"passes_per_token": passes / max(tokens, 1), "repetition": repetition_rate([r.token_ids for r in results]),
+            "converged": sum(r.converged for r in results) / max(len(results), 1)}
+
+
+def evaluate_refiner(model: Any, tokenizer: Any, dataset: Any, *, draft_items: list[dict],
+                     state_items: list[dict] | None, block_size: int | str, batch_size: int = 8,
+                     **loss_kw: Any) -> dict[str, float]:
+    """The table of issue 5, item 6, for one model."""
+    from .trainer import DiffPOCollator
+
+    collator = DiffPOCollator(dataset.pad)
+    out = {"heldout_ar_loss": heldout_losses(model, dataset, collator, batch_size, **loss_kw)["ar_loss"]}
+    drafts = refine_metrics(model, tokenizer, draft_items, dataset.n, block_size)
+    out["repetition"] = drafts["repetition"]
+    out["passes_per_token_drafts"] = drafts["passes_per_token"]
+    if state_items:
+        out["passes_per_token_states"] = refine_metrics(model, tokenizer, state_items, dataset.n,
+                                                        block_size)["passes_per_token"]
+    out["preference_accuracy"] = preference_accuracy(model, dataset, dataset.pad, batch_size)
+    return out
+
+
+LABELS = {
+    "heldout_ar_loss": "held-out L_AR on targets",
+    "repetition": "repeated 3-grams in refined outputs",
+    "passes_per_token_drafts": "passes/token, held-out drafts",
+    "passes_per_token_states": "passes/token, held-out Jacobi states",
+    "preference_accuracy": "preference accuracy",
+}
+
+
+def format_table(columns: dict[str, dict[str, float]]) -> str:
+    """A Markdown table: one row per measure, one column per model (before, after, ...)."""
+    names = list(columns)
+    lines = ["| measure | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for key, label in LABELS.items():
+        if any(key in c for c in columns.values()):
+            cells = [f"{columns[c][key]:.3f}" if key in columns[c] else "-" for c in names]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_table(out_dir: str | Path, columns: dict[str, dict[str, float]], extra: dict | None = None) -> str:
+    table = format_table(columns)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval_results.json").write_text(json.dumps({"columns": columns, **(extra or {})}, indent=2))
+    (out / "eval_results.md").write_text(table + "\n")
+    return table
+
+
+def token_overlap(a: list[int], b: list[int]) -> int:
+    """Leading tokens two answers share (how far a draft already agrees with the target)."""
+    k = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        k += 1
+    return k
+
+
+__all__ = ["Counter", "evaluate_refiner", "format_table", "heldout_losses", "preference_accuracy",
+           "refine_metrics", "repetition_rate", "token_overlap", "write_table"]

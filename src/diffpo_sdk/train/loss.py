@@ -1,0 +1,155 @@
+"""The DiffPO loss (paper eq. 4-6): L = L_AR + w * L_Con, with the guards against collapse.
+
+Batches are left-padded so every answer occupies the last N positions of its row; the
+model then only projects those N positions onto the vocabulary (``logits_to_keep``), and
+the vocabulary-sized softmaxes are taken a few positions at a time under activation
+checkpointing, so the loss never holds more than ``chunk x V`` floats beyond the logits.
+
+Anti-collapse measures (see docs/training.md for the measurements behind the defaults):
+
+- ``normalize="token"``: L_Con is a mean over the counted positions, not the paper's sum
+  over N (which makes w depend on N and let L_Con swamp L_AR);
+- ``mask``: positions whose student prefix equals the teacher's prefix have KL = 0 by
+  construction; ``"prefix"`` leaves them out of the mean, ``"argmax"`` also leaves out
+  positions where the student's greedy token already equals the teacher's (nothing left
+  to teach for Jacobi there, and pushing further mostly teaches to ignore the prefix);
+- the weight warm-up lives in the trainer (``consistency_weight_at``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+MASKS = ("none", "prefix", "argmax")
+NORMALIZE = ("token", "sum")
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor
+    ar_loss: torch.Tensor
+    con_loss: torch.Tensor
+    weight: float
+    con_positions: int
+
+
+def pad_answer(ids: list[int], n: int, eot: int) -> list[int]:
+    """Cut or pad an answer to N positions exactly as the engine pads a draft: the answer
+    tokens, then the end-of-turn token repeated (the first one is the answer's stop)."""
+    return list(ids[:n]) + [eot] * max(0, n - len(ids))
+
+
+def answer_mask(n_tokens: int, n: int) -> list[int]:
+    """Positions that carry the answer or its stop token (the rest is filler)."""
+    return [1 if i <= n_tokens else 0 for i in range(n)]
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions for left-padded rows: 0 at each row's first real token."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def answer_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int) -> torch.Tensor:
+    """Logits predicting the N answer tokens of left-padded ``[prompt, answer]`` rows: (B, N, V)."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                logits_to_keep=n + 1, use_cache=False)
+    return out.logits[:, :-1]
+
+
+def _kl_chunk(t_logits: torch.Tensor, s_logits: torch.Tensor) -> torch.Tensor:
+    t = F.log_softmax(t_logits.float(), dim=-1)
+    s = F.log_softmax(s_logits.float(), dim=-1)
+    return (t.exp() * (t - s)).sum(-1)
+
+
+def _nll_chunk(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
+
+
+def _chunked(fn: Any, chunk: int, *tensors: torch.Tensor) -> torch.Tensor:
+    """Apply ``fn`` over position chunks (dim 1); checkpointed so V-sized temporaries are freed."""
+    outs = []
+    for i in range(0, tensors[0].shape[1], chunk):
+        part = [t[:, i:i + chunk] for t in tensors]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in part):
+            outs.append(checkpoint(fn, *part, use_reentrant=False))
+        else:
+            outs.append(fn(*part))
+    return torch.cat(outs, dim=1)
+
+
+def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+    """KL(softmax(teacher) || softmax(student)) per position, (B, N); the teacher is detached."""
+    return _chunked(_kl_chunk, chunk, teacher_logits.detach(), student_logits)
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+    """Cross-entropy per position, (B, N)."""
+    return _chunked(_nll_chunk, chunk, logits, labels)
+
+
+def consistency_mask(student_ans: torch.Tensor, teacher_ans: torch.Tensor, base: torch.Tensor, mode: str,
+                     teacher_logits: torch.Tensor | None = None,
+                     student_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """Which answer positions L_Con counts (float, (B, N))."""
+    if mode not in MASKS:
+        raise ValueError(f"consistency mask {mode!r}: use one of {MASKS}")
+    mask = base.float()
+    if mode == "none":
+        return mask
+    # position i sees the prefix y_<i: it differs once any earlier token differs
+    neq = (student_ans != teacher_ans).long()
+    prefix_differs = (neq.cumsum(-1) - neq) > 0
+    mask = mask * prefix_differs.float()
+    if mode == "argmax" and teacher_logits is not None and student_logits is not None:
+        with torch.no_grad():
+            already = teacher_logits.argmax(-1) == student_logits.argmax(-1)
+        mask = mask * (~already).float()
+    return mask
+
+
+def diffpo_loss(model: Any, batch: dict[str, torch.Tensor], weight: float, *, mask: str = "prefix",
+                normalize: str = "token", chunk: int = 16) -> LossOutput:
+    """L_AR on the target + ``weight`` x L_Con of the student sequence toward the teacher.
+
+    ``batch`` (from :class:`~diffpo_sdk.train.trainer.DiffPOCollator`): ``target_ids``,
+    ``target_attention_mask``, ``target_answer`` (B, N), ``target_mask`` (B, N) for L_AR;
+    ``student_ids``/``student_attention_mask``/``student_answer`` for y^(t); and the
+    teacher answer ``teacher_answer``/``teacher_mask`` with a per-row flag
+    ``teacher_is_target``. Where the teacher is the target (the paper's source), its
+    distribution is the detached logits of the L_AR forward; other rows (Jacobi states,
+    whose teacher is the refiner's own fixed point) get one extra no-grad forward.
+    """
+    if normalize not in NORMALIZE:
+        raise ValueError(f"consistency normalize {normalize!r}: use one of {NORMALIZE}")
+    n = batch["target_answer"].shape[1]
+    t_logits = answer_logits(model, batch["target_ids"], batch["target_attention_mask"], n)
+    tmask = batch["target_mask"].float()
+    nll = token_nll(t_logits, batch["target_answer"], chunk)
+    ar = (nll * tmask).sum() / tmask.sum().clamp(min=1)
+
+    zero = ar.new_zeros(())
+    if weight == 0 or "student_ids" not in batch:
+        return LossOutput(ar, ar.detach(), zero, weight, 0)
+
+    teacher = t_logits.detach()
+    is_target = batch["teacher_is_target"].bool()
+    if not bool(is_target.all()):
+        with torch.no_grad():
+            other = answer_logits(model, batch["teacher_ids"], batch["teacher_attention_mask"], n)
+        teacher = torch.where(is_target[:, None, None], teacher, other)
+    s_logits = answer_logits(model, batch["student_ids"], batch["student_attention_mask"], n)
+    kl = token_kl(teacher, s_logits, chunk)
+    cmask = consistency_mask(batch["student_answer"], batch["teacher_answer"], batch["teacher_mask"], mask,
+                             teacher, s_logits)
+    total = (kl * cmask).sum()
+    if normalize == "token":
+        con = total / cmask.sum().clamp(min=1)
+    else:  # the paper's sum over N positions, averaged over the batch
+        con = total / kl.shape[0]
+    return LossOutput(ar + weight * con, ar.detach(), con.detach(), weight, int(cmask.sum()))

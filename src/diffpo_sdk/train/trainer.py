@@ -1,0 +1,290 @@
+"""``DiffPOConfig`` + ``DiffPOTrainer``: a transformers ``Trainer`` that only changes the loss.
+
+Built like a trl trainer so gradient accumulation, mixed precision, checkpoints and resume,
+logging and multi-GPU (accelerate / torchrun with DDP, FSDP or DeepSpeed) come from the
+stack unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import IntervalStrategy
+
+from ..engine import templating
+from .evaluate import heldout_losses, repetition_rate
+from .loss import answer_mask, diffpo_loss, pad_answer
+from .states import greedy_answers
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("answers", "jacobi", "mix")
+
+
+@dataclass
+class DiffPOConfig(TrainingArguments):
+    """Every ``TrainingArguments`` flag, plus the DiffPO ones below (dash or underscore spellings)."""
+
+    model: str = field(default="smollm2-135m-instruct", metadata={"help": "refiner to start from: hub id, folder, .gguf or smollm2-135m-instruct"})
+    data: str | None = field(default=None, metadata={"help": "trajectories JSONL from `diffpo data build`"})
+    eval_data: str | None = field(default=None, metadata={"help": "held-out trajectories; default: a split of --data by prompt"})
+    eval_fraction: float = field(default=0.1, metadata={"help": "share of prompts held out when --eval-data is not given"})
+    max_eval_prompts: int = field(default=64, metadata={"help": "cap on held-out prompts (evaluation cost)"})
+    max_response_tokens: int = field(default=256, metadata={"help": "N: answers are cut or padded to N tokens like engine drafts"})
+    max_prompt_tokens: int = field(default=512, metadata={"help": "prompts longer than this keep their last tokens"})
+    consistency_weight: float = field(default=1.0, metadata={"help": "w in L = L_AR + w * L_Con (0 = SFT-only control)"})
+    consistency_warmup_ratio: float = field(default=0.3, metadata={"help": "w ramps linearly from 0 over this share of the steps"})
+    consistency_mask: str = field(default="prefix", metadata={"help": "none | prefix | argmax (which positions L_Con counts)"})
+    consistency_normalize: str = field(default="token", metadata={"help": "token (mean over counted positions) | sum (paper: sum over N)"})
+    kl_chunk: int = field(default=16, metadata={"help": "positions per vocabulary-sized softmax chunk (memory bound)"})
+    trajectory_source: str = field(default="jacobi", metadata={"help": "answers (paper: other models' answers) | jacobi (own Jacobi states) | mix"})
+    jacobi_states_per_prompt: int = field(default=2, metadata={"help": "partial Jacobi states generated per training prompt"})
+    jacobi_states_dir: str | None = field(default=None, metadata={"help": "where generated states are cached (default: output_dir); share it between runs"})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 = full fine-tune"})
+    lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (default 2 x r)"})
+    lora_dropout: float = field(default=0.05)
+    lora_target_modules: str = field(default="all-linear")
+    merge_lora: bool = field(default=False, metadata={"help": "save a merged model instead of the adapter"})
+    model_dtype: str = field(default="float32", metadata={"help": "dtype of the loaded weights (mixed precision: --bf16)"})
+    guard: bool = field(default=True, metadata={"help": "watch held-out L_AR and repetition at each evaluation"})
+    guard_ar_tolerance: float = field(default=0.1, metadata={"help": "max rise of held-out L_AR over the untrained model (nats)"})
+    guard_repetition_tolerance: float = field(default=0.1, metadata={"help": "max rise of the repeated 3-gram share"})
+    guard_action: str = field(default="stop", metadata={"help": "stop (restore the last healthy weights) | warn"})
+    guard_prompts: int = field(default=8, metadata={"help": "held-out prompts greedily refined for the repetition guard"})
+    eval_block_size: str = field(default="full", metadata={"help": "block size for passes/token in the final table: full (=N), auto or an int"})
+    final_eval: bool = field(default=True, metadata={"help": "print and write the before/after evaluation table"})
+    # Defaults that differ from TrainingArguments:
+    eval_strategy: IntervalStrategy | str = field(default="steps")
+    eval_steps: float | None = field(default=50)
+    logging_steps: float = field(default=10)
+    save_steps: float = field(default=200)
+    save_total_limit: int | None = field(default=2)
+    learning_rate: float = field(default=1e-5)
+    per_device_train_batch_size: int = field(default=1)
+    remove_unused_columns: bool = field(default=False)
+
+
+class TrajectoryDataset(Dataset):
+    """Tokenized trajectories. Each access draws a student sequence y^(t) at random:
+
+    - source ``answers`` (paper): a lower-ranked answer, teacher = the target y^(T);
+    - source ``jacobi``: a partial Jacobi state of the refiner, teacher = its fixed point y*;
+    - ``mix``: either, with equal odds.
+    """
+
+    def __init__(self, records: list[dict], tokenizer: Any, n: int, max_prompt_tokens: int = 512,
+                 source: str = "answers", states: list[dict] | None = None, seed: int = 0,
+                 stop_ids: set[int] | None = None):
+        if source not in SOURCES:
+            raise ValueError(f"trajectory source {source!r}: use one of {SOURCES}")
+        if source != "answers" and states is None:
+            raise ValueError(f"trajectory source {source!r} needs Jacobi states (see diffpo_sdk.train.states)")
+        self.n, self.source, self.rng = n, source, random.Random(seed)
+        self.pad = templating.ensure_pad_token(tokenizer)
+        self.stop_ids = stop_ids or templating.stop_token_ids(tokenizer)
+        # the engine's filler: the pad token when it is a stop token, else the smallest stop id
+        self.eot = self.pad if self.pad in self.stop_ids else min(self.stop_ids)
+        self.records = records
+        self.items = []
+        for k, rec in enumerate(records):
+            prompt = templating.prompt_ids(tokenizer, rec["messages"])[-max_prompt_tokens:]
+            item = {"prompt": prompt, "target": self._answer(tokenizer, rec["target"]),
+                    "others": [self._answer(tokenizer, o) for o in rec.get("others", []) if o.strip()]}
+            if states is not None:
+                item["fixed_point"] = states[k]["fixed_point"]
+                item["states"] = states[k]["states"]
+            self.items.append(item)
+
+    def _answer(self, tokenizer: Any, text: str) -> list[int]:
+        return templating.draft_ids(tokenizer, text)[: self.n - 1] + [self.eot]
+
+    def padded(self, ids: list[int]) -> list[int]:
+        return pad_answer(ids, self.n, self.eot)
+
+    def answer_mask(self, ids: list[int]) -> list[int]:
+        return answer_mask(len(ids) - 1, self.n)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.get(i)
+
+    def get(self, i: int, deterministic: bool = False) -> dict[str, Any]:
+        item = self.items[i]
+        rng = random.Random(i) if deterministic else self.rng
+        use_states = self.source == "jacobi" or (self.source == "mix" and rng.random() < 0.5)
+        if (use_states and item.get("states")) or not item["others"]:
+            fixed = item.get("fixed_point") or item["target"]
+            student = rng.choice(item["states"]) if item.get("states") else self.padded(item["target"])
+            teacher, is_target = fixed, False
+        else:
+            student = self.padded(rng.choice(item["others"]))
+            teacher, is_target = item["target"], True
+        return {"prompt": item["prompt"], "target": self.padded(item["target"]),
+                "target_mask": self.answer_mask(item["target"]), "student": self.padded(student)[: self.n],
+                "teacher": self.padded(teacher), "teacher_mask": self.answer_mask(teacher),
+                "teacher_is_target": is_target}
+
+
+class DiffPOCollator:
+    """Left-pads ``[prompt, answer]`` rows so the N answer positions line up at the end."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def _rows(self, prompts: list[list[int]], answers: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        seqs = [p + a for p, a in zip(prompts, answers)]
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for r, s in enumerate(seqs):
+            ids[r, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[r, width - len(s):] = 1
+        return ids, mask
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        prompts = [f["prompt"] for f in features]
+        out: dict[str, torch.Tensor] = {}
+        for name in ("target", "student", "teacher"):
+            answers = [f[name] for f in features]
+            out[f"{name}_ids"], out[f"{name}_attention_mask"] = self._rows(prompts, answers)
+            out[f"{name}_answer"] = torch.tensor(answers, dtype=torch.long)
+        out["target_mask"] = torch.tensor([f["target_mask"] for f in features], dtype=torch.long)
+        out["teacher_mask"] = torch.tensor([f["teacher_mask"] for f in features], dtype=torch.long)
+        out["teacher_is_target"] = torch.tensor([f["teacher_is_target"] for f in features], dtype=torch.bool)
+        return out
+
+
+class DiffPOTrainer(Trainer):
+    """``Trainer`` with the DiffPO loss, per-loss logging and the collapse guards."""
+
+    def __init__(self, model: Any = None, args: DiffPOConfig | None = None, train_dataset: Any = None,
+                 eval_dataset: Any = None, processing_class: Any = None, data_collator: Any = None, **kw: Any):
+        args = args or DiffPOConfig(output_dir="diffpo-out")
+        pad = templating.ensure_pad_token(processing_class) if processing_class is not None else 0
+        super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=processing_class, data_collator=data_collator or DiffPOCollator(pad), **kw)
+        # The loss is normalised here, not by the model: let Trainer scale for gradient accumulation.
+        self.model_accepts_loss_kwargs = False
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self.guard_baseline: dict[str, float] | None = None
+        self.guard_tripped: str | None = None
+        self._healthy: dict[str, torch.Tensor] | None = None
+
+    # -- loss ------------------------------------------------------------------------------
+
+    def consistency_weight_at(self, step: int) -> float:
+        """w, ramped linearly from 0 over the first ``consistency_warmup_ratio`` of the steps."""
+        w = self.args.consistency_weight
+        ramp = self.args.consistency_warmup_ratio * max(self.state.max_steps, 1)
+        return w if ramp <= 0 else w * min(1.0, step / ramp)
+
+    def loss_kwargs(self) -> dict[str, Any]:
+        return {"mask": self.args.consistency_mask, "normalize": self.args.consistency_normalize,
+                "chunk": self.args.kl_chunk}
+
+    def compute_loss(self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        weight = self.consistency_weight_at(self.state.global_step) if model.training else self.args.consistency_weight
+        out = diffpo_loss(model, inputs, weight, **self.loss_kwargs())
+        if model.training:
+            self._metrics["ar_loss"].append(float(out.ar_loss))
+            self._metrics["con_loss"].append(float(out.con_loss))
+            self._metrics["consistency_weight"].append(weight)
+        return (out.loss, {"ar_loss": out.ar_loss, "con_loss": out.con_loss}) if return_outputs else out.loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._metrics:
+            logs.update({k: sum(v) / len(v) for k, v in self._metrics.items() if v})
+            self._metrics.clear()
+        super().log(logs, start_time)
+
+    # -- evaluation and guards -------------------------------------------------------------
+
+    def heldout_metrics(self) -> dict[str, float]:
+        """Held-out L_AR / L_Con, and repetition of greedy (= fully refined) outputs."""
+        ds = self.eval_dataset
+        model = self.model
+        metrics = heldout_losses(model, ds, self.data_collator, self.args.per_device_eval_batch_size,
+                                 weight=self.args.consistency_weight, **self.loss_kwargs())
+        k = min(self.args.guard_prompts, len(ds))
+        if k:
+            was = model.training
+            outs = greedy_answers(model, [ds.items[i]["prompt"] for i in range(k)], ds.n, ds.stop_ids, ds.pad)
+            model.train(was)
+            metrics["repetition"] = repetition_rate(outs)
+        return metrics
+
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        if self.eval_dataset is None:
+            return {}
+        raw = self.heldout_metrics()
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in raw.items()}
+        self.log(metrics)
+        if self.args.guard:
+            self._check_guard(raw)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _restore(self, snap: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                if n in snap:
+                    p.copy_(snap[n].to(p.device))
+
+    def _check_guard(self, m: dict[str, float]) -> None:
+        base = self.guard_baseline
+        if base is None:
+            return
+        problems = []
+        if m["ar_loss"] > base["ar_loss"] + self.args.guard_ar_tolerance:
+            problems.append(f"held-out L_AR {m['ar_loss']:.3f} > {base['ar_loss']:.3f} + {self.args.guard_ar_tolerance}")
+        if "repetition" in m and m["repetition"] > base.get("repetition", 0) + self.args.guard_repetition_tolerance:
+            problems.append(f"repetition {m['repetition']:.3f} > {base.get('repetition', 0):.3f} + "
+                            f"{self.args.guard_repetition_tolerance}")
+        if not problems:
+            self._healthy = self._snapshot()
+            return
+        msg = (f"COLLAPSE GUARD at step {self.state.global_step}: " + "; ".join(problems) +
+               ". The consistency loss is probably teaching the model to ignore its prefix: lower "
+               "--consistency-weight or --learning-rate, or use --trajectory-source jacobi.")
+        self.guard_tripped = msg
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        log.warning(msg)
+        if self.args.guard_action == "stop":
+            self.control.should_training_stop = True
+            if self._healthy is not None:
+                self._restore(self._healthy)
+                log.warning("restored the weights of the last evaluation that passed the guards")
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        if self.args.guard and self.eval_dataset is not None and self.guard_baseline is None:
+            self.guard_baseline = self.heldout_metrics()
+            self._healthy = self._snapshot()
+            log.info("guard baseline: %s", self.guard_baseline)
+        return super().train(*args, **kwargs)
+
+
+def split_by_prompt(records: list[dict], fraction: float, max_eval: int | None = None) -> tuple[list[dict], list[dict]]:
+    """A stable held-out split by prompt (hash of the conversation), so reruns agree."""
+    train, held = [], []
+    for rec in records:
+        h = int(hashlib.sha256(repr(rec["messages"]).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        (held if h < fraction else train).append(rec)
+    if max_eval is not None and len(held) > max_eval:
+        train += held[max_eval:]
+        held = held[:max_eval]
+    return train, held
