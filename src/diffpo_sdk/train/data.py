@@ -297,7 +297,8 @@ def generate_answers(prompts: list[dict], models: list[str], cache: AnswerCache,
 
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
         list(tqdm(pool.map(one, jobs), total=len(jobs), desc="answers", unit="call"))
-    return out
+    # model order, not completion order, so ties rank the same on every run
+    return [{m: ans[m] for m in models if m in ans} for ans in out]
 
 
 Scorer = Callable[[list[dict], list[str]], list[float]]
