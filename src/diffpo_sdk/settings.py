@@ -1,0 +1,80 @@
+"""Client settings from arguments or ``DIFFPO_*`` environment variables.
+
+One object holds every knob the client layers share (runnable, LiteLLM wrappers, agent
+middleware), so a deployment configures the refiner once, in the environment, and code
+stays free of endpoints and keys.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from .protocol import MAX_NEW_TOKENS_LIMIT, BlockSize
+
+Backend = Literal["auto", "http", "in_process"]
+
+
+class DiffPOSettings(BaseSettings):
+    """Where the refiner is and how to call it.
+
+    ``endpoint`` takes one URL or several (a list, or a comma-separated string in
+    ``DIFFPO_ENDPOINT``): calls spread over them and fail over to the next. With no
+    endpoint, the ``auto`` backend runs the engine in-process (needs the ``engine`` extra).
+    ``timeout`` is the overall deadline of one refinement call, retries included.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="DIFFPO_", extra="ignore", validate_default=True)
+
+    endpoint: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    api_key: SecretStr | None = None
+    backend: Backend = "auto"
+    #: in-process refiner: a built-in name, a local folder or a hub id
+    model: str = "smollm2-135m-instruct"
+    device: str = "auto"
+    dtype: str = "auto"
+    adapter: str | None = None
+
+    block_size: BlockSize = "auto"
+    max_iterations: int | None = Field(None, ge=1)
+    max_new_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS_LIMIT)
+
+    timeout: float = Field(30.0, gt=0, description="overall deadline per call, retries included (s)")
+    connect_timeout: float = Field(3.0, gt=0, description="per attempt; short so dead endpoints fail over fast")
+    retries: int = Field(3, ge=0, description="extra attempts after the first, across all endpoints")
+    fail_open: bool = True
+    capture_content: bool = False
+
+    @field_validator("endpoint", mode="before")
+    @classmethod
+    def _split_endpoints(cls, v: Any) -> Any:
+        if v is None:
+            return []
+        if isinstance(v, str):
+            v = v.split(",")
+        return [str(e).strip().rstrip("/") for e in v if str(e).strip()]
+
+    @field_validator("block_size", mode="before")
+    @classmethod
+    def _block_from_env(cls, v: Any) -> Any:
+        return int(v) if isinstance(v, str) and v.strip().isdigit() else v
+
+    @field_validator("max_iterations", "adapter", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and v.strip().lower() in ("", "none") else v
+
+    def merged(self, **overrides: Any) -> DiffPOSettings:
+        """A copy with the given non-``None`` values replaced, validated like the environment."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if not given:
+            return self
+        return type(self)(**{**dict(self), **given})
+
+    def resolved_backend(self) -> Literal["http", "in_process"]:
+        """``http`` when an endpoint is set, else ``in_process`` (for ``auto``)."""
+        if self.backend == "auto":
+            return "http" if self.endpoint else "in_process"
+        return self.backend
