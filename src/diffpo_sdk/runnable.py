@@ -1,0 +1,417 @@
+"""``DiffPORefiner``: a LangChain Runnable that refines the answer flowing through it.
+
+``chain = prompt | llm | DiffPORefiner()``. LCEL hands the refiner only the AIMessage,
+but DiffPO refines a draft *for a prompt*, so the refiner recovers the conversation the
+chat model actually received: a callback handler installed for every LangChain run
+(``register_configure_hook``) records each chat model's input under its enclosing runs,
+and the refiner looks it up by the draft message's id or by its own parent run (the
+sequence both share). Entries go when their run ends or errors, so prompts live in
+memory only for the run. Explicit input (``{"messages": ..., "draft": ...}``) and
+``DiffPORefiner.wrap(llm)`` need no capture at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, Literal
+from uuid import UUID
+
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.messages import BaseMessage
+from langchain_core.runnables import (
+    Runnable,
+    RunnableConfig,
+    RunnableParallel,
+    RunnablePassthrough,
+    RunnableSerializable,
+)
+from langchain_core.tracers.context import register_configure_hook
+from pydantic import ConfigDict, PrivateAttr, SecretStr, model_validator
+
+from ._convert import conversation, has_tool_calls, text_of
+from .client import (
+    AsyncDiffPOClient,
+    AsyncInProcessClient,
+    DiffPOClient,
+    InProcessClient,
+    Outcome,
+    async_client_from_settings,
+    client_from_settings,
+)
+from .errors import InvalidRequestError
+from .protocol import BlockSize, RefineItem, RefineOptions
+from .settings import Backend, DiffPOSettings
+
+__all__ = ["DiffPORefiner", "PromptCapture", "prompt_capture"]
+
+
+# -- prompt capture ------------------------------------------------------------------------
+
+
+class PromptCapture(BaseCallbackHandler):
+    """Remembers, for each open run, the conversation last sent to a model inside it.
+
+    A chat model's input is stored under every enclosing run up to the nearest tool
+    (a model called *inside a tool* must not stand in for the agent's prompt), and under
+    the id of each message it returns. All of it is dropped when the run that holds it
+    ends or errors.
+    """
+
+    run_inline = True  # a few dict operations: no thread hop for async runs
+    raise_error = False
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._parents: dict[UUID, UUID | None] = {}
+        self._tools: set[UUID] = set()
+        self._latest: dict[UUID, Any] = {}
+        self._pending: dict[UUID, tuple[Any, UUID]] = {}
+        self._by_message: dict[str, Any] = {}
+        self._owned: dict[UUID, list[str]] = {}
+
+    # runs that can enclose a model
+    def on_chain_start(self, serialized: Any, inputs: Any, *, run_id: UUID, parent_run_id: UUID | None = None,
+                       **kwargs: Any) -> None:
+        with self._lock:
+            self._parents[run_id] = parent_run_id
+
+    def on_tool_start(self, serialized: Any, input_str: str, *, run_id: UUID, parent_run_id: UUID | None = None,
+                      **kwargs: Any) -> None:
+        with self._lock:
+            self._parents[run_id] = parent_run_id
+            self._tools.add(run_id)
+
+    def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        self._close(run_id)
+
+    def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        self._close(run_id)
+
+    def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        self._close(run_id)
+
+    def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        self._close(run_id)
+
+    # models
+    def on_chat_model_start(self, serialized: Any, messages: list[list[BaseMessage]], *, run_id: UUID,
+                            parent_run_id: UUID | None = None, **kwargs: Any) -> None:
+        if messages:
+            self._record(run_id, parent_run_id, messages[0])
+
+    def on_llm_start(self, serialized: Any, prompts: list[str], *, run_id: UUID, parent_run_id: UUID | None = None,
+                     **kwargs: Any) -> None:
+        if prompts:
+            self._record(run_id, parent_run_id, prompts[0])
+
+    def on_llm_end(self, response: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        with self._lock:
+            entry = self._pending.pop(run_id, None)
+            if entry is None:
+                return
+            conv, owner = entry
+            if owner not in self._parents:  # the holder already ended
+                return
+            for generations in getattr(response, "generations", []):
+                for gen in generations:
+                    msg_id = getattr(getattr(gen, "message", None), "id", None)
+                    if msg_id:
+                        self._by_message[msg_id] = conv
+                        self._owned.setdefault(owner, []).append(msg_id)
+
+    def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        with self._lock:
+            self._pending.pop(run_id, None)
+
+    # bookkeeping
+    def _record(self, run_id: UUID, parent: UUID | None, conv: Any) -> None:
+        if parent is None:  # a model called on its own: no enclosing run can ask for its prompt
+            return
+        with self._lock:
+            owner = parent
+            node: UUID | None = parent
+            while node is not None and node in self._parents:
+                self._latest[node] = conv
+                owner = node
+                if node in self._tools:
+                    break
+                node = self._parents[node]
+            if owner in self._parents:
+                self._pending[run_id] = (conv, owner)
+
+    def _close(self, run_id: UUID) -> None:
+        with self._lock:
+            self._parents.pop(run_id, None)
+            self._tools.discard(run_id)
+            self._latest.pop(run_id, None)
+            for msg_id in self._owned.pop(run_id, ()):
+                self._by_message.pop(msg_id, None)
+
+    def lookup(self, message_id: str | None, parent_run_id: UUID | None) -> Any | None:
+        """The conversation behind a draft: by its message id, else by the caller's parent run."""
+        with self._lock:
+            if message_id and message_id in self._by_message:
+                return self._by_message[message_id]
+            if parent_run_id is not None:
+                return self._latest.get(parent_run_id)
+        return None
+
+    def size(self) -> int:
+        """Entries held (for leak tests)."""
+        with self._lock:
+            return len(self._parents) + len(self._latest) + len(self._pending) + len(self._by_message)
+
+
+#: the process-wide handler; the ContextVar's default makes plain threads see it too
+prompt_capture = PromptCapture()
+_capture_var: ContextVar[PromptCapture | None] = ContextVar("diffpo_prompt_capture", default=prompt_capture)
+register_configure_hook(_capture_var, inheritable=True)
+
+
+# -- clients, shared by all refiner instances ----------------------------------------------
+
+_clients: dict[tuple, DiffPOClient | InProcessClient] = {}
+_async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, Any]] = weakref.WeakKeyDictionary()
+_clients_lock = threading.Lock()
+
+
+def _key(settings: DiffPOSettings) -> tuple:
+    return tuple(
+        (k, v.get_secret_value() if isinstance(v, SecretStr) else tuple(v) if isinstance(v, list) else v)
+        for k, v in settings
+    )
+
+
+def _client(settings: DiffPOSettings) -> DiffPOClient | InProcessClient:
+    key = _key(settings)
+    with _clients_lock:
+        if key not in _clients:
+            _clients[key] = client_from_settings(settings)
+        return _clients[key]
+
+
+def _async_client(settings: DiffPOSettings) -> AsyncDiffPOClient | AsyncInProcessClient:
+    """httpx's async pool belongs to one event loop: one client per (settings, loop)."""
+    loop = asyncio.get_running_loop()
+    key = _key(settings)
+    with _clients_lock:
+        per_loop = _async_clients.setdefault(loop, {})
+        if key not in per_loop:
+            per_loop[key] = async_client_from_settings(settings)
+        return per_loop[key]
+
+
+# -- the runnable --------------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    """One input, taken apart: what to refine, and how to put the answer back."""
+
+    item: RefineItem | None
+    source: str
+    build: Callable[[Outcome], Any]
+    passthrough: Any = None
+
+
+class DiffPORefiner(RunnableSerializable[Any, Any]):
+    """Refine the answer flowing through a chain with a DiffPO refiner.
+
+    Input → output: ``str`` → ``str``; ``AIMessage`` → ``AIMessage`` with stats in
+    ``response_metadata["diffpo"]``; ``{"messages" | "prompt": ..., "draft": str |
+    AIMessage}`` → the draft's type; graph state ``{"messages": [..., AIMessage]}`` →
+    ``{"messages": [refined AIMessage]}`` (same id, so ``add_messages`` replaces it).
+    AIMessages with tool calls pass through untouched. When the refiner cannot answer,
+    the draft comes back marked ``{"refined": False, "error": ...}``; ``fail_open=False``
+    raises :class:`~diffpo_sdk.errors.RefinerUnavailableError` instead.
+
+    Fields left ``None`` come from ``settings`` or the ``DIFFPO_*`` environment.
+    """
+
+    endpoint: str | list[str] | None = None
+    api_key: SecretStr | None = None
+    backend: Backend | None = None
+    model: str | None = None
+    block_size: BlockSize | None = None
+    max_iterations: int | None = None
+    max_new_tokens: int | None = None
+    keep_draft_prefix: int = 0
+    timeout: float | None = None
+    retries: int | None = None
+    fail_open: bool | None = None
+    capture_content: bool | None = None
+    settings: DiffPOSettings | None = None
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    _resolved: DiffPOSettings = PrivateAttr()
+    _options: dict[str, Any] = PrivateAttr()
+
+    @model_validator(mode="after")
+    def _resolve(self) -> DiffPORefiner:
+        """Settle settings and options once, so a bad block size fails here, not per call."""
+        self._resolved = (self.settings or DiffPOSettings()).merged(
+            endpoint=self.endpoint, api_key=self.api_key, backend=self.backend, model=self.model,
+            block_size=self.block_size, max_iterations=self.max_iterations, max_new_tokens=self.max_new_tokens,
+            timeout=self.timeout, retries=self.retries, fail_open=self.fail_open,
+            capture_content=self.capture_content,
+        )
+        s = self._resolved
+        try:
+            opts = RefineOptions(block_size=s.block_size, max_new_tokens=s.max_new_tokens,
+                                 max_iterations=s.max_iterations, keep_draft_prefix=self.keep_draft_prefix)
+        except ValueError as e:
+            raise InvalidRequestError(str(e)) from e
+        self._options = opts.model_dump()
+        return self
+
+    @classmethod
+    def is_lc_serializable(cls) -> bool:
+        return False
+
+    @classmethod
+    def wrap(cls, llm: Runnable, **kwargs: Any) -> Runnable:
+        """``llm`` followed by a refiner that gets ``llm``'s own input as the prompt.
+
+        For code that prefers explicit wiring to prompt capture. ``llm`` takes what a
+        chat model takes (str, messages, PromptValue); its AIMessage comes back refined.
+        """
+        refiner = cls(**kwargs)
+        return (RunnableParallel(messages=RunnablePassthrough(), draft=llm) | refiner).with_config(
+            run_name=f"{refiner.get_name()}.wrap"
+        )
+
+    # invoke / batch, sync and async ------------------------------------------------------
+
+    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        return self._call_with_config(self._invoke, input, config, **kwargs)
+
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        return await self._acall_with_config(self._ainvoke, input, config, **kwargs)
+
+    def batch(self, inputs: list[Any], config: RunnableConfig | list[RunnableConfig] | None = None, *,
+              return_exceptions: bool = False, **kwargs: Any) -> list[Any]:
+        """All drafts in one refinement call (one network round trip)."""
+        if not inputs:
+            return []
+        return self._batch_with_config(self._batch, inputs, config, return_exceptions=return_exceptions, **kwargs)
+
+    async def abatch(self, inputs: list[Any], config: RunnableConfig | list[RunnableConfig] | None = None, *,
+                     return_exceptions: bool = False, **kwargs: Any) -> list[Any]:
+        if not inputs:
+            return []
+        return await self._abatch_with_config(self._abatch, inputs, config, return_exceptions=return_exceptions,
+                                              **kwargs)
+
+    def _invoke(self, input: Any, run_manager: Any) -> Any:
+        return self._batch([input], [run_manager], _raise=True)[0]
+
+    async def _ainvoke(self, input: Any, run_manager: Any) -> Any:
+        return (await self._abatch([input], [run_manager], _raise=True))[0]
+
+    def _batch(self, inputs: list[Any], run_manager: list[Any], _raise: bool = False) -> list[Any]:
+        jobs = [self._job(x, rm.parent_run_id) for x, rm in zip(inputs, run_manager)]
+        todo = [j for j in jobs if j.item is not None]
+        if not todo:
+            return [j.passthrough for j in jobs]
+        try:
+            outcomes = _client(self._resolved).refine_or_keep(
+                [j.item for j in todo], fail_open=self._resolved.fail_open,
+                prompt_sources=[j.source for j in todo], **self._options,
+            )
+        except Exception as e:
+            if _raise:
+                raise
+            return [e if j.item is not None else j.passthrough for j in jobs]
+        return self._assemble(jobs, outcomes)
+
+    async def _abatch(self, inputs: list[Any], run_manager: list[Any], _raise: bool = False) -> list[Any]:
+        jobs = [self._job(x, rm.parent_run_id) for x, rm in zip(inputs, run_manager)]
+        todo = [j for j in jobs if j.item is not None]
+        if not todo:
+            return [j.passthrough for j in jobs]
+        try:
+            outcomes = await _async_client(self._resolved).refine_or_keep(
+                [j.item for j in todo], fail_open=self._resolved.fail_open,
+                prompt_sources=[j.source for j in todo], **self._options,
+            )
+        except Exception as e:
+            if _raise:
+                raise
+            return [e if j.item is not None else j.passthrough for j in jobs]
+        return self._assemble(jobs, outcomes)
+
+    @staticmethod
+    def _assemble(jobs: list[_Job], outcomes: list[Outcome]) -> list[Any]:
+        it = iter(outcomes)
+        return [j.build(next(it)) if j.item is not None else j.passthrough for j in jobs]
+
+    # taking inputs apart -----------------------------------------------------------------
+
+    def _job(self, value: Any, parent_run_id: UUID | None) -> _Job:
+        if isinstance(value, str):
+            return self._draft_job(value, None, parent_run_id, explicit=None)
+        if isinstance(value, BaseMessage):
+            return self._draft_job(value, None, parent_run_id, explicit=None)
+        if isinstance(value, dict) and "draft" in value:
+            prompt = value.get("messages", value.get("prompt"))
+            return self._draft_job(value["draft"], prompt, parent_run_id, explicit=prompt is not None)
+        if isinstance(value, dict) and isinstance(value.get("messages"), Sequence) and value["messages"]:
+            *history, last = list(value["messages"])
+            job = self._draft_job(last, history, parent_run_id, explicit=True)
+            if job.item is None:
+                return _Job(None, "none", _unused, passthrough={"messages": []})
+            return _Job(job.item, job.source, lambda o, b=job.build: {"messages": [b(o)]})
+        if isinstance(value, list) and value and isinstance(value[-1], BaseMessage):
+            *history, last = value
+            job = self._draft_job(last, history, parent_run_id, explicit=True)
+            if job.item is None:
+                return _Job(None, "none", _unused, passthrough=value)
+            return _Job(job.item, job.source, lambda o, b=job.build, h=history: [*h, b(o)])
+        raise InvalidRequestError(
+            f"DiffPORefiner cannot refine a {type(value).__name__}: give a str, an AIMessage, "
+            "{'messages' | 'prompt': ..., 'draft': ...} or graph state {'messages': [..., AIMessage]}"
+        )
+
+    def _draft_job(self, draft: Any, prompt: Any, parent_run_id: UUID | None, explicit: bool | None) -> _Job:
+        if isinstance(draft, BaseMessage):
+            if has_tool_calls(draft):
+                return _Job(None, "none", _unused, passthrough=draft)
+            text, build = text_of(draft), _message_builder(draft)
+        elif isinstance(draft, str):
+            text, build = draft, _text_builder
+        else:
+            raise InvalidRequestError(f"the draft must be a str or an AIMessage, not {type(draft).__name__}")
+
+        turns = conversation(prompt) if explicit else None
+        source = "explicit" if turns else "none"
+        if turns is None:
+            msg_id = draft.id if isinstance(draft, BaseMessage) else None
+            captured = prompt_capture.lookup(msg_id, parent_run_id)
+            turns = conversation(captured) if captured is not None else None
+            source = "captured" if turns else "none"
+        item = RefineItem(messages=turns, draft=text) if turns else RefineItem(prompt="", draft=text)
+        return _Job(item, source, build)
+
+
+def _unused(_: Outcome) -> Any:  # pragma: no cover - jobs without an item are never built
+    raise AssertionError
+
+
+def _text_builder(outcome: Outcome) -> str:
+    return outcome.text
+
+
+def _message_builder(draft: BaseMessage) -> Callable[[Outcome], BaseMessage]:
+    def build(outcome: Outcome) -> BaseMessage:
+        meta = {**draft.response_metadata, "diffpo": outcome.info}
+        if not outcome.refined:  # the draft exactly as it came, blocks and all
+            return draft.model_copy(update={"response_metadata": meta})
+        return draft.model_copy(update={"content": outcome.text, "response_metadata": meta})
+
+    return build
