@@ -1,0 +1,247 @@
+"""``diffpo bench client``: the SDK's own overhead per call, with the model's time taken out.
+
+A real refiner server (the project's FastAPI app under uvicorn, on 127.0.0.1) serves an
+``EchoEngine`` whose compute is ~0; the server's own handler time (``timing.total_ms``)
+is subtracted too, so what remains is what the SDK adds: the Runnable, the client,
+JSON both ways, and the loopback HTTP round trip. Layers are measured side by side in
+one run, each against the raw-httpx floor.
+
+    diffpo bench client [--calls 500] [--out client.json] [--endpoint URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import socket
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..protocol import RefinedItem, RefineItem, coerce_items
+
+
+# -- a zero-compute engine and a server in a thread (also used by the tests) --------------
+
+
+@dataclass
+class _EchoResult:
+    text: str
+    iterations: int
+    new_tokens: int
+
+    def to_wire(self, with_token_ids: bool = False) -> RefinedItem:
+        return RefinedItem(text=self.text, iterations=self.iterations, new_tokens=self.new_tokens, converged=True)
+
+
+class EchoEngine:
+    """Stands in for ``RefinerEngine`` with no model: the refined answer is ``transform(draft)``.
+
+    Lets the server, the client and every integration run for real with ~0 compute
+    (benchmarks of the SDK's overhead, fault tests, pairing tests).
+    """
+
+    def __init__(self, transform: Callable[[RefineItem], str] | None = None, *, delay_s: float = 0.0,
+                 model_name: str = "echo") -> None:
+        self.transform = transform or (lambda item: item.draft)
+        self.delay_s = delay_s
+        self.model_name = model_name
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def check_items(self, items: Any, *, max_new_tokens: int = 256, keep_draft_prefix: int = 0) -> list[RefineItem]:
+        return coerce_items(list(items))
+
+    def refine(self, items: Any, **options: Any) -> list[_EchoResult]:
+        with self._lock:
+            self.calls += 1
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        out = []
+        for item in coerce_items(list(items)):
+            text = self.transform(item)
+            n = max(1, len(text.split()))
+            out.append(_EchoResult(text=text, iterations=1, new_tokens=n))
+        return out
+
+
+class ServerThread:
+    """A uvicorn server on 127.0.0.1 in a daemon thread; ``url`` once started, ``stop()`` to end it."""
+
+    def __init__(self, app: Any, port: int | None = None) -> None:
+        import uvicorn
+
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False,
+                                lifespan="on", timeout_graceful_shutdown=1)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
+
+    def start(self, timeout: float = 30.0) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"server on port {self.port} did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def serve_engine(engine: Any, **config: Any) -> ServerThread:
+    """The project's refiner server around ``engine``, started on a free loopback port."""
+    from ..server.app import create_app
+    from ..server.config import ServerConfig
+
+    return ServerThread(create_app(engine, ServerConfig(**config))).start()
+
+
+# -- the benchmark -------------------------------------------------------------------------
+
+
+def _stats(xs: list[float]) -> dict[str, float]:
+    xs = sorted(xs)
+    return {
+        "p50_ms": round(statistics.median(xs), 4),
+        "p95_ms": round(xs[int(0.95 * (len(xs) - 1))], 4),
+        "mean_ms": round(statistics.fmean(xs), 4),
+    }
+
+
+def _measure(layers: dict[str, Callable[[], float | None]], calls: int, warmup: int) -> dict[str, Any]:
+    """Wall time per call and, where a call reports it, the server's handler time.
+
+    Layers take turns call by call, so load from elsewhere on the machine hits all alike.
+    """
+    for _ in range(warmup):
+        for call in layers.values():
+            call()
+    wall: dict[str, list[float]] = {name: [] for name in layers}
+    server: dict[str, list[float]] = {name: [] for name in layers}
+    for _ in range(calls):
+        for name, call in layers.items():
+            t0 = time.perf_counter()
+            server_ms = call()
+            wall[name].append((time.perf_counter() - t0) * 1000)
+            server[name].append(server_ms or 0.0)
+    out = {}
+    for name in layers:
+        overhead = [w - s for w, s in zip(wall[name], server[name])]
+        out[name] = {"wall": _stats(wall[name]), "server": _stats(server[name]), "overhead": _stats(overhead),
+                     "calls": calls}
+    return out
+
+
+def run(calls: int = 500, warmup: int = 50, endpoint: str | None = None) -> dict[str, Any]:
+    import httpx
+    from langchain_core.messages import AIMessage
+
+    from ..client import DiffPOClient, InProcessClient
+    from ..runnable import DiffPORefiner, _clients, _key
+    from ..settings import DiffPOSettings
+
+    server = None
+    if endpoint is None:
+        server = serve_engine(EchoEngine(), max_wait_ms=0.0)
+        endpoint = server.url
+    item = {"messages": [{"role": "user", "content": "Name three primary colours."}],
+            "draft": "Red, yellow and blue are the three traditional primary colours."}
+    body = json.dumps({"items": [item], "block_size": 32, "max_new_tokens": 64}).encode()
+    results: dict[str, Any] = {}
+    try:
+        raw = httpx.Client(trust_env=False)
+        url = endpoint + "/v1/refine"
+
+        def raw_post() -> float:
+            r = raw.post(url, content=body, headers={"content-type": "application/json"})
+            return float(r.json()["timing"]["total_ms"])
+
+        client = DiffPOClient(endpoint, retries=0)
+
+        def client_refine() -> float:
+            return float(client.refine([item], block_size=32, max_new_tokens=64).timing["total_ms"])
+
+        refiner = DiffPORefiner(endpoint=endpoint, block_size=32, max_new_tokens=64)
+        draft = AIMessage(content=item["draft"])
+        explicit = {"messages": item["messages"], "draft": draft}
+
+        def runnable_invoke() -> float:
+            return float(refiner.invoke(explicit).response_metadata["diffpo"]["server_ms"])
+
+        local = DiffPORefiner(settings=DiffPOSettings(backend="in_process"), block_size=32, max_new_tokens=64)
+        _clients[_key(local._resolved)] = InProcessClient(settings=local._resolved, engine=EchoEngine())
+
+        def runnable_in_process() -> None:
+            local.invoke(explicit)
+
+        layers = {
+            "httpx POST (transport floor)": raw_post,
+            "DiffPOClient.refine": client_refine,
+            "DiffPORefiner.invoke over HTTP": runnable_invoke,
+            "DiffPORefiner.invoke in-process (echo engine)": runnable_in_process,
+        }
+        results = _measure(layers, calls, warmup)
+        raw.close()
+    finally:
+        if server is not None:
+            server.stop()
+    return {
+        "machine": {"python": sys.version.split()[0], "platform": platform.platform(), "processor": platform.processor()
+                    or platform.machine(), "cpus": _cpus()},
+        "endpoint": "local echo server (uvicorn, 127.0.0.1)" if server is not None else endpoint,
+        "calls": calls,
+        "layers": results,
+    }
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 0)
+
+
+def table(report: dict[str, Any]) -> str:
+    rows = [("layer", "wall p50", "wall p95", "server p50", "SDK overhead p50", "overhead p95")]
+    for name, r in report["layers"].items():
+        rows.append((name, f"{r['wall']['p50_ms']:.3f}", f"{r['wall']['p95_ms']:.3f}", f"{r['server']['p50_ms']:.3f}",
+                     f"{r['overhead']['p50_ms']:.3f}", f"{r['overhead']['p95_ms']:.3f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines) + "\n(times in ms; overhead = wall - server handler time)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="diffpo bench client", description=__doc__.split("\n\n")[0])
+    p.add_argument("--calls", type=int, default=500)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--endpoint", default=None, help="measure against this server instead of a local echo server")
+    p.add_argument("--out", default=None, help="write the report as JSON here")
+    args = p.parse_args(argv)
+    report = run(calls=args.calls, warmup=args.warmup, endpoint=args.endpoint)
+    print(f"machine: {report['machine']}")
+    print(table(report))
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
