@@ -1,0 +1,364 @@
+"""The refiner's HTTP API: ``create_app(engine_or_loader, config)`` returns a FastAPI app.
+
+Routes: ``POST /v1/refine``, ``POST /v1/chat/completions`` (see ``proxy.py``), ``GET /health``,
+``GET /v1/models``, ``GET /metrics``; the OpenAPI schema at ``/openapi.json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from opentelemetry import propagate, trace
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .. import __version__
+from ..errors import ContextLengthError, InvalidRequestError
+from ..protocol import ErrorBody, RefineRequest, RefineResponse
+from .batcher import Batcher, DeadlineExceededError, OutOfMemoryError, QueueFullError, ShuttingDownError
+from .config import ServerConfig
+from .metrics import Metrics
+from .state import ClientDisconnectedError, NotReadyError, ServerState, until_disconnect
+
+log = logging.getLogger("diffpo_sdk.server")
+
+#: Paths that need the API key when one is set; /health and the schema stay open for probes.
+PROTECTED_PREFIXES = ("/v1/", "/metrics")
+#: Route labels for metrics (anything else is "other", so label cardinality stays bounded).
+KNOWN_PATHS = ("/v1/refine", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": why}
+    for code, why in {
+        400: "malformed JSON, invalid UTF-8, or input the refiner cannot take (context length, roles)",
+        401: "missing or wrong API key",
+        413: "request body too large",
+        422: "the body does not match the schema",
+        429: "queue full: retry after the Retry-After header",
+        503: "model loading, deadline exceeded, or out of GPU memory: retry after Retry-After",
+    }.items()
+}
+
+
+def error_response(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = ErrorBody(error={"type": kind, "message": message, "code": status})
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def create_app(
+    engine_or_loader: Any,
+    config: ServerConfig | None = None,
+    *,
+    tracer_provider: trace.TracerProvider | None = None,
+) -> FastAPI:
+    """Build the app around a loaded ``RefinerEngine`` or a zero-argument loader returning one.
+
+    With a loader, the port opens at once and the model loads in the background; ``/health``
+    answers 503 until it is ready, so orchestrators route traffic only to warm replicas.
+    """
+    config = config or ServerConfig()
+    metrics = Metrics()
+    tracer = (tracer_provider or trace.get_tracer_provider()).get_tracer("diffpo_sdk.server", __version__)
+    state = ServerState(config=config, metrics=metrics, tracer=tracer)
+    is_loader = callable(engine_or_loader) and not hasattr(engine_or_loader, "refine")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loading: asyncio.Task | None = None
+        if is_loader:
+            loading = asyncio.create_task(_load(state, engine_or_loader))
+        else:
+            _ready(state, engine_or_loader)
+        try:
+            yield
+        finally:
+            if loading is not None and not loading.done():
+                loading.cancel()
+            if state.batcher is not None:
+                await state.batcher.stop()
+
+    app = FastAPI(
+        title="diffpo refiner",
+        version=__version__,
+        description="Refines a base LLM's draft answers with a DiffPO refiner (block-parallel Jacobi decoding).",
+        lifespan=lifespan,
+    )
+    app.state.diffpo = state
+    _add_error_handlers(app, state)
+
+    @app.post("/v1/refine", response_model=RefineResponse, responses=ERROR_RESPONSES)
+    async def refine(body: RefineRequest, request: Request) -> RefineResponse:
+        """Refine each item's draft; items come back in request order."""
+        t0 = time.monotonic()
+        batcher = state.ready_batcher()
+        key = state.resolve_options(body)
+        await state.check_items(body.items, key)
+        results, stats = await until_disconnect(request, batcher.refine(body.items, key))
+        if config.log_content:
+            for item, res in zip(body.items, results):
+                log.info("refined item: prompt=%r draft=%r answer=%r", item.conversation(), item.draft, res.text)
+        timing = {k: float(v) for k, v in stats.items()}
+        timing["total_ms"] = 1000 * (time.monotonic() - t0)
+        return RefineResponse(
+            items=[r.to_wire() for r in results], model=state.engine.model_name, timing=timing
+        )
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        """200 once the model is loaded and the batcher runs; 503 before (or if loading failed)."""
+        if state.batcher is None:
+            status = "failed" if state.load_error else "loading"
+            body = {"status": status, "error": state.load_error} if state.load_error else {"status": status}
+            return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+        return JSONResponse({"status": "ok", "model": state.engine.model_name, "queue_depth": state.batcher.depth})
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        """OpenAI-style model list: the loaded refiner."""
+        state.ready_batcher()
+        return {
+            "object": "list",
+            "data": [{"id": state.engine.model_name, "object": "model", "created": int(state.started), "owned_by": "diffpo-sdk"}],
+        }
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    from .proxy import add_chat_routes
+
+    add_chat_routes(app, state)
+
+    # Outermost first at request time: observe -> authenticate -> guard the body -> route.
+    app.add_middleware(BodyGuard, state=state)
+    app.add_middleware(ApiKeyAuth, state=state)
+    app.add_middleware(Observe, state=state)
+    return app
+
+
+async def _load(state: ServerState, loader: Callable[[], Any]) -> None:
+    try:
+        engine = await asyncio.to_thread(loader)
+    except Exception as e:  # keep serving /health with the reason
+        log.exception("loading the refiner failed")
+        state.load_error = f"{type(e).__name__}: {e}"
+        return
+    _ready(state, engine)
+
+
+def _ready(state: ServerState, engine: Any) -> None:
+    state.engine = engine
+    batcher = Batcher(engine, state.config, state.metrics, state.tracer)
+    batcher.start()
+    state.batcher = batcher
+    log.info("refiner %s ready", getattr(engine, "model_name", "?"))
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+
+def _add_error_handlers(app: FastAPI, state: ServerState) -> None:
+    errors = state.metrics.errors
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = exc.errors()
+        if any(p.get("type") == "json_invalid" for p in problems):
+            errors.labels("malformed_json").inc()
+            ctx = next(p.get("ctx", {}) for p in problems if p.get("type") == "json_invalid")
+            return error_response(400, "malformed_json", f"the body is not valid JSON: {ctx.get('error', 'parse error')}")
+        errors.labels("validation").inc()
+        return error_response(422, "invalid_request", describe_validation(problems))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        errors.labels(kind).inc()
+        return error_response(exc.status_code, kind, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(ContextLengthError)
+    async def _context(request: Request, exc: ContextLengthError) -> JSONResponse:
+        errors.labels("context_length").inc()
+        return error_response(400, "context_length_exceeded", str(exc))
+
+    @app.exception_handler(InvalidRequestError)
+    async def _invalid(request: Request, exc: InvalidRequestError) -> JSONResponse:
+        errors.labels("invalid_request").inc()
+        return error_response(400, "invalid_request", str(exc))
+
+    @app.exception_handler(QueueFullError)
+    async def _full(request: Request, exc: QueueFullError) -> JSONResponse:
+        errors.labels("queue_full").inc()
+        return error_response(429, "queue_full", str(exc), {"Retry-After": str(exc.retry_after)})
+
+    @app.exception_handler(DeadlineExceededError)
+    async def _deadline(request: Request, exc: DeadlineExceededError) -> JSONResponse:
+        errors.labels("timeout").inc()
+        retry = str(state.batcher.retry_after() if state.batcher else 1)
+        return error_response(503, "timeout", str(exc), {"Retry-After": retry})
+
+    @app.exception_handler(NotReadyError)
+    async def _not_ready(request: Request, exc: NotReadyError) -> JSONResponse:
+        errors.labels("not_ready").inc()
+        return error_response(503, "not_ready", str(exc), {"Retry-After": "5"})
+
+    @app.exception_handler(ShuttingDownError)
+    async def _stopping(request: Request, exc: ShuttingDownError) -> JSONResponse:
+        errors.labels("shutting_down").inc()
+        return error_response(503, "shutting_down", str(exc), {"Retry-After": "5"})
+
+    @app.exception_handler(ClientDisconnectedError)
+    async def _gone(request: Request, exc: ClientDisconnectedError) -> Response:
+        errors.labels("client_disconnected").inc()
+        return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
+
+    @app.exception_handler(OutOfMemoryError)
+    async def _oom(request: Request, exc: OutOfMemoryError) -> JSONResponse:
+        return error_response(503, "out_of_memory", str(exc), {"Retry-After": "5"})
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        errors.labels("internal").inc()
+        log.error("internal error on %s: %s", request.url.path, type(exc).__name__, exc_info=exc)
+        return error_response(500, "internal_error", f"internal error ({type(exc).__name__}); see the server log")
+
+
+def describe_validation(problems: list[dict[str, Any]], limit: int = 8) -> str:
+    """Pydantic errors as one readable line: ``items.0.draft: Field required; ...`` (inputs not echoed)."""
+    parts = []
+    for p in problems[:limit]:
+        loc = [str(x) for x in p.get("loc", ()) if x != "body"]
+        msg = str(p.get("msg", "invalid"))
+        parts.append(f"{'.'.join(loc)}: {msg}" if loc else msg)
+    more = len(problems) - limit
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+# -- ASGI middleware -------------------------------------------------------------------------------
+
+
+async def _send_error(send: Send, status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> None:
+    body = json.dumps({"error": {"type": kind, "message": message, "code": status}}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Observe:
+    """Request span (child of the client's W3C ``traceparent``), latency and status metrics."""
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        endpoint = path if path in KNOWN_PATHS else "other"
+        status = {"code": 500}
+
+        async def send_observed(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        t0 = time.monotonic()
+        try:
+            if path.startswith("/v1/"):
+                headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+                parent = propagate.extract(headers)
+                with self.state.tracer.start_as_current_span(
+                    f"diffpo.server {scope['method']} {path}", context=parent, kind=trace.SpanKind.SERVER
+                ) as span:
+                    span.set_attribute("http.request.method", scope["method"])
+                    span.set_attribute("url.path", path)
+                    await self.app(scope, receive, send_observed)
+                    span.set_attribute("http.response.status_code", status["code"])
+                    if status["code"] >= 500:
+                        span.set_status(trace.StatusCode.ERROR)
+            else:
+                await self.app(scope, receive, send_observed)
+        finally:
+            if endpoint != "/metrics":
+                self.state.metrics.latency.labels(endpoint).observe(time.monotonic() - t0)
+            self.state.metrics.requests.labels(endpoint, str(status["code"])).inc()
+
+
+class ApiKeyAuth:
+    """``Authorization: Bearer <key>`` on /v1/* and /metrics, compared in constant time."""
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app, self.state = app, state
+        key = state.config.api_key
+        self.expected = f"Bearer {key}".encode() if key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.expected is None or scope["type"] != "http" or not scope["path"].startswith(PROTECTED_PREFIXES):
+            return await self.app(scope, receive, send)
+        given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        if not hmac.compare_digest(given, self.expected):
+            self.state.metrics.errors.labels("unauthorized").inc()
+            return await _send_error(
+                send, 401, "unauthorized", "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                {"WWW-Authenticate": "Bearer"},
+            )
+        await self.app(scope, receive, send)
+
+
+class BodyGuard:
+    """Bounded body size (413 before reading it all) and strict UTF-8, ahead of JSON parsing."""
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        limit = self.state.config.max_body_bytes
+        errors = self.state.metrics.errors
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            errors.labels("too_large").inc()
+            return await _send_error(send, 413, "too_large", f"request body of {int(declared)} bytes exceeds the {limit}-byte limit")
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                errors.labels("too_large").inc()
+                return await _send_error(send, 413, "too_large", f"request body exceeds the {limit}-byte limit")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            errors.labels("invalid_utf8").inc()
+            return await _send_error(send, 400, "invalid_utf8", f"the body is not valid UTF-8 (byte {e.start}: {e.reason})")
+
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: the disconnect, when it comes
+
+        await self.app(scope, replay, send)

@@ -1,0 +1,424 @@
+"""The refiner server, started for real with uvicorn on 127.0.0.1, driven over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+import pytest
+from test_server_support import (  # noqa: F401  (fixtures)
+    PROMPTS,
+    GatedEngine,
+    WrappedEngine,
+    alpaca_items,
+    metric_value,
+    start_server,
+    tiny_engine,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def body(items, **options):
+    return {"items": items, **options}
+
+
+def test_health_models_openapi(tiny_engine, start_server):
+    url, _ = start_server(tiny_engine)
+    with httpx.Client(base_url=url, timeout=30) as c:
+        health = c.get("/health")
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+        assert health.json()["model"] == tiny_engine.model_name
+        models = c.get("/v1/models").json()
+        assert [m["id"] for m in models["data"]] == [tiny_engine.model_name]
+        schema = c.get("/openapi.json").json()
+        assert {"/v1/refine", "/v1/chat/completions", "/health", "/v1/models"} <= set(schema["paths"])
+        r = c.post("/v1/refine", json=body([{"prompt": "Hi", "draft": "Hello!"}], block_size=4, max_new_tokens=8))
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["model"] == tiny_engine.model_name and len(out["items"]) == 1
+        item = out["items"][0]
+        assert 1 <= item["new_tokens"] <= 8 and item["iterations"] >= 1
+        assert {"queue_ms", "engine_ms", "total_ms"} <= set(out["timing"])
+
+
+async def test_concurrent_requests_batch_and_match_engine_alone(tiny_engine, start_server, alpaca_rows):
+    """16 concurrent clients, two option groups: merged into batches, each answer exactly as alone."""
+    gated = GatedEngine(tiny_engine)
+    url, _ = start_server(gated, max_batch_items=8, max_wait_ms=20)
+    items = alpaca_items(alpaca_rows, 16)
+    options = [dict(block_size=4, max_new_tokens=12) if n % 2 else dict(block_size=8, max_new_tokens=16) for n in range(16)]
+    async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+        tasks = [asyncio.create_task(c.post("/v1/refine", json=body([it], **opt))) for it, opt in zip(items, options)]
+        await asyncio.sleep(0.5)  # let every request queue behind the gated first batch
+        gated.gate.set()
+        responses = await asyncio.gather(*tasks)
+        metrics = (await c.get("/metrics")).text
+    assert [r.status_code for r in responses] == [200] * 16, [r.text for r in responses if r.status_code != 200]
+    # batching really happened: fewer engine calls than requests, and some with several requests
+    assert len(gated.calls) < 16 and max(len(call) for call in gated.calls) > 1
+    assert metric_value(metrics, "diffpo_batch_requests_sum") > metric_value(metrics, "diffpo_batch_requests_count")
+    texts = []
+    for it, opt, r in zip(items, options, responses):
+        alone = tiny_engine.refine([it], **opt)[0]
+        got = r.json()["items"][0]
+        assert (got["text"], got["new_tokens"]) == (alone.text, alone.new_tokens)
+        texts.append(got["text"])
+    assert len(set(texts)) > 4  # different prompts give different answers: the check has teeth
+
+
+async def test_queue_full_gets_429_with_retry_after_at_once(tiny_engine, start_server):
+    gated = GatedEngine(tiny_engine)
+    url, _ = start_server(gated, max_queue=1, max_batch_items=1, max_wait_ms=0)
+    req = body([{"prompt": "Hi", "draft": "Hello"}], block_size=2, max_new_tokens=4)
+    async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+        running = asyncio.create_task(c.post("/v1/refine", json=req))
+        await asyncio.to_thread(gated.entered.wait, 10)  # first request is in the engine
+        queued = asyncio.create_task(c.post("/v1/refine", json=req))
+        await asyncio.sleep(0.3)  # second request sits in the queue
+        t0 = time.monotonic()
+        refused = await c.post("/v1/refine", json=req)
+        assert time.monotonic() - t0 < 2.0
+        assert refused.status_code == 429
+        assert int(refused.headers["retry-after"]) >= 1
+        assert refused.json()["error"]["type"] == "queue_full"
+        gated.gate.set()
+        assert (await running).status_code == 200 and (await queued).status_code == 200
+        metrics = (await c.get("/metrics")).text
+    assert metric_value(metrics, "diffpo_errors_total", 'kind="queue_full"') == 1
+
+
+async def test_deadline_gives_503_and_drops_the_work(tiny_engine, start_server):
+    gated = GatedEngine(tiny_engine)
+    url, _ = start_server(gated, request_timeout=0.5, max_batch_items=1)
+    async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+        first = asyncio.create_task(c.post("/v1/refine", json=body([{"prompt": "A", "draft": "first"}], max_new_tokens=4)))
+        second = asyncio.create_task(c.post("/v1/refine", json=body([{"prompt": "B", "draft": "second"}], max_new_tokens=4)))
+        r1, r2 = await asyncio.gather(first, second)
+        gated.gate.set()
+        for r in (r1, r2):
+            assert r.status_code == 503 and r.json()["error"]["type"] == "timeout" and "retry-after" in r.headers
+        # the engine is free again: the next request is served
+        assert (await c.post("/v1/refine", json=body([{"prompt": "C", "draft": "third"}], max_new_tokens=4))).status_code == 200
+    # the queued request expired while waiting: the engine never ran it
+    assert all("second" not in call for call in gated.calls)
+
+
+class SpinUntilCancelled(WrappedEngine):
+    """Pretends to decode forever, until the server says the row is cancelled."""
+
+    def __init__(self, engine):
+        super().__init__(engine)
+        self.entered, self.saw_cancel = threading.Event(), threading.Event()
+
+    def refine(self, items, is_cancelled=None, **kw):
+        self.calls.append([i.draft for i in items])
+        self.entered.set()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if is_cancelled is not None and is_cancelled(0):
+                self.saw_cancel.set()
+                break
+            time.sleep(0.01)
+        return self.engine.refine(items, max_new_tokens=2, block_size=1)
+
+
+async def test_client_disconnect_stops_the_work(tiny_engine, start_server):
+    spin = SpinUntilCancelled(tiny_engine)
+    url, _ = start_server(spin, max_batch_items=1)
+    req = body([{"prompt": "Hi", "draft": "running"}], max_new_tokens=4)
+    async with httpx.AsyncClient(base_url=url, timeout=0.8) as c:
+        running = asyncio.create_task(c.post("/v1/refine", json=req))
+        queued = asyncio.create_task(c.post("/v1/refine", json=body([{"prompt": "Hi", "draft": "queued"}], max_new_tokens=4)))
+        for t in (running, queued):
+            with pytest.raises(httpx.ReadTimeout):  # the clients give up and close their connections
+                await t
+    # the running row is cancelled (the engine's is_cancelled turns true) well before its 20 s
+    assert await asyncio.to_thread(spin.saw_cancel.wait, 10)
+    await asyncio.sleep(0.5)
+    assert spin.calls == [["running"]]  # the queued request never reached the engine
+    async with httpx.AsyncClient(base_url=url, timeout=10) as c:
+        metrics = (await c.get("/metrics")).text
+    assert metric_value(metrics, "diffpo_errors_total", 'kind="client_disconnected"') == 2
+    assert metric_value(metrics, "diffpo_queue_depth") == 0
+
+
+BAD_INPUTS = [
+    # (name, request kwargs, status, words the message must contain)
+    ("malformed JSON", dict(content=b'{"items": [', headers={"content-type": "application/json"}), 400, "not valid JSON"),
+    ("invalid UTF-8", dict(content=b'{"items": [{"prompt": "\xff\xfe", "draft": "x"}]}',
+                           headers={"content-type": "application/json"}), 400, "UTF-8"),
+    ("wrong type", dict(json={"items": [{"prompt": 3, "draft": "x"}]}), 422, "items.0.prompt"),
+    ("items not a list", dict(json={"items": "hello"}), 422, "items"),
+    ("unknown field", dict(json={"items": [{"prompt": "Hi", "draft": "x"}], "temperature": 0.5}), 422, "temperature"),
+    ("unknown item field", dict(json={"items": [{"prompt": "Hi", "draft": "x", "foo": 1}]}), 422, "items.0.foo"),
+    ("missing draft", dict(json={"items": [{"prompt": "Hi"}]}), 422, "items.0.draft"),
+    ("prompt and messages", dict(json={"items": [{"prompt": "Hi", "messages": [{"role": "user", "content": "x"}],
+                                                  "draft": "x"}]}), 422, "exactly one"),
+    ("last turn not user", dict(json={"items": [{"messages": [{"role": "assistant", "content": "x"}], "draft": "x"}]}),
+     422, "user turn"),
+    ("bad role", dict(json={"items": [{"messages": [{"role": "wizard", "content": "x"}], "draft": "x"}]}), 422, "role"),
+    ("no items", dict(json={"items": []}), 422, "items"),
+    ("too many items", dict(json={"items": [{"prompt": "Hi", "draft": "x"}] * 65}), 422, "at most 64"),
+    ("negative block", dict(json={"items": [{"prompt": "Hi", "draft": "x"}], "block_size": -3}), 422, "block_size"),
+    ("zero block", dict(json={"items": [{"prompt": "Hi", "draft": "x"}], "block_size": 0}), 422, "block_size"),
+    ("huge block", dict(json={"items": [{"prompt": "Hi", "draft": "x"}], "block_size": 10**12, "max_new_tokens": 8}),
+     422, "block_size"),
+    ("block not a number", dict(json={"items": [{"prompt": "Hi", "draft": "x"}], "block_size": "fast"}), 422, "block_size"),
+    ("huge max_new_tokens", dict(json={"items": [{"prompt": "Hi", "draft": "x"}], "max_new_tokens": 10**6}), 422,
+     "max_new_tokens"),
+    ("over server cap", dict(json={"items": [{"prompt": "Hi", "draft": "x"}], "max_new_tokens": 600}), 400,
+     "server's limit"),
+    ("zero iterations", dict(json={"items": [{"prompt": "Hi", "draft": "x"}], "max_iterations": 0}), 422, "max_iterations"),
+    ("prompt too long", dict(json={"items": [{"prompt": "word " * 3000, "draft": "x"}], "max_new_tokens": 8}), 400,
+     "context"),
+    ("body too large", dict(json={"items": [{"prompt": "x" * 300_000, "draft": "x"}]}), 413, "limit"),
+    ("not JSON at all", dict(content=b"items=1", headers={"content-type": "text/plain"}), 422, ""),
+    ("array body", dict(json=[1, 2, 3]), 422, ""),
+]
+
+
+async def test_bad_input_gets_4xx_while_others_are_served(tiny_engine, start_server):
+    url, _ = start_server(tiny_engine, max_body_bytes=200_000, max_new_tokens_limit=512, max_batch_items=4)
+    good = body([{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                  "draft": "Hello there"}], block_size=4, max_new_tokens=8)
+    expected = tiny_engine.refine([good["items"][0]], block_size=4, max_new_tokens=8)[0].text
+    async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+        bad = [c.post("/v1/refine", **kw) for _, kw, _, _ in BAD_INPUTS]
+        goods = [c.post("/v1/refine", json=good) for _ in range(4)]
+        responses = await asyncio.gather(*bad, *goods)
+        for (name, _, status, words), r in zip(BAD_INPUTS, responses):
+            assert r.status_code == status, (name, r.status_code, r.text)
+            err = r.json()["error"]
+            assert err["code"] == status and words in err["message"], (name, err)
+        for r in responses[len(BAD_INPUTS):]:
+            assert r.status_code == 200 and r.json()["items"][0]["text"] == expected
+        assert (await c.get("/health")).status_code == 200
+
+
+async def test_oom_splits_the_batch_and_retries(tiny_engine, start_server):
+    import torch
+
+    class OomAboveTwo(GatedEngine):
+        def refine(self, items, **kw):
+            self.entered.set()
+            self.gate.wait(30)
+            self.calls.append([i.draft for i in items])
+            if len(items) > 2 or any(i.draft == "too big" for i in items):
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return self.engine.refine(items, **kw)
+
+    engine = OomAboveTwo(tiny_engine)
+    url, _ = start_server(engine, max_batch_items=8, max_wait_ms=50)
+    drafts = [f"draft number {n}" for n in range(7)] + ["too big"]
+    async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+        tasks = [asyncio.create_task(c.post("/v1/refine", json=body([{"prompt": PROMPTS[n], "draft": d}],
+                                                                      block_size=2, max_new_tokens=6)))
+                 for n, d in enumerate(drafts)]
+        await asyncio.sleep(0.5)
+        engine.gate.set()
+        responses = await asyncio.gather(*tasks)
+        metrics = (await c.get("/metrics")).text
+    for n, r in enumerate(responses[:7]):
+        assert r.status_code == 200, r.text
+        alone = tiny_engine.refine([{"prompt": PROMPTS[n], "draft": drafts[n]}], block_size=2, max_new_tokens=6)[0]
+        assert r.json()["items"][0]["text"] == alone.text
+    assert responses[7].status_code == 503 and responses[7].json()["error"]["type"] == "out_of_memory"
+    assert max(len(call) for call in engine.calls) > 2  # it did try a big batch first
+    assert metric_value(metrics, "diffpo_oom_splits_total") >= 2
+
+
+async def test_one_failing_request_does_not_fail_its_batch(tiny_engine, start_server):
+    class Poisoned(GatedEngine):
+        def refine(self, items, **kw):
+            self.entered.set()
+            self.gate.wait(30)
+            if any(i.draft == "poison" for i in items):
+                raise RuntimeError("engine bug triggered by this input")
+            return self.engine.refine(items, **kw)
+
+    engine = Poisoned(tiny_engine)
+    url, _ = start_server(engine, max_batch_items=8, max_wait_ms=50)
+    drafts = ["fine one", "poison", "fine two", "fine three"]
+    async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+        tasks = [asyncio.create_task(c.post("/v1/refine", json=body([{"prompt": "Hi", "draft": d}], max_new_tokens=4,
+                                                                      block_size=2))) for d in drafts]
+        await asyncio.sleep(0.3)
+        engine.gate.set()
+        responses = await asyncio.gather(*tasks)
+    assert [r.status_code for r in responses] == [200, 500, 200, 200]
+    assert "RuntimeError" in responses[1].json()["error"]["message"]
+    assert "engine bug" not in responses[1].json()["error"]["message"]  # internals stay in the log
+
+
+def test_api_key_auth(tiny_engine, start_server):
+    url, _ = start_server(tiny_engine, api_key="s3cret-key")
+    req = body([{"prompt": "Hi", "draft": "Hello"}], block_size=2, max_new_tokens=4)
+    with httpx.Client(base_url=url, timeout=30) as c:
+        assert c.get("/health").status_code == 200  # probes stay open
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-key"},
+                        {"Authorization": "Bearer s3cret-key2"}, {"Authorization": "Basic s3cret-key"}):
+            r = c.post("/v1/refine", json=req, headers=headers)
+            assert r.status_code == 401, headers
+            assert r.headers["www-authenticate"] == "Bearer" and r.json()["error"]["type"] == "unauthorized"
+        assert c.get("/metrics").status_code == 401
+        assert c.get("/v1/models").status_code == 401
+        # a 401 comes before the body is even parsed
+        assert c.post("/v1/refine", content=b"{not json", headers={"content-type": "application/json"}).status_code == 401
+        ok = {"Authorization": "Bearer s3cret-key"}
+        assert c.post("/v1/refine", json=req, headers=ok).status_code == 200
+        assert c.get("/metrics", headers=ok).status_code == 200
+
+
+def test_refuses_to_bind_beyond_loopback_without_key(capsys, monkeypatch):
+    from diffpo_sdk.server import ServerConfig, check_bind, is_loopback
+    from diffpo_sdk.server.__main__ import build_parser, main
+
+    monkeypatch.delenv("DIFFPO_API_KEY", raising=False)
+    assert main(["--host", "0.0.0.0", "--model", "/nonexistent"]) == 2
+    assert "refusing to bind '0.0.0.0'" in capsys.readouterr().err
+    assert main(["--host", "::", "--model", "/nonexistent"]) == 2
+    for host in ("127.0.0.1", "127.0.0.2", "localhost", "::1"):
+        assert is_loopback(host)
+        check_bind(ServerConfig(host=host))
+    for host in ("0.0.0.0", "::", "10.1.2.3", "example.com"):
+        assert not is_loopback(host)
+        with pytest.raises(ValueError):
+            check_bind(ServerConfig(host=host))
+        check_bind(ServerConfig(host=host, api_key="k"))
+    assert build_parser().parse_args([]).host == "127.0.0.1"
+    monkeypatch.setenv("DIFFPO_API_KEY", "from-env")
+    assert build_parser().parse_args([]).api_key == "from-env"
+
+
+def test_traceparent_makes_server_spans_children_of_the_client(tiny_engine, start_server):
+    from opentelemetry import propagate
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    url, _ = start_server(tiny_engine, tracer_provider=provider)
+    client_tracer = provider.get_tracer("test-client")
+    with client_tracer.start_as_current_span("client call") as client_span:
+        headers: dict[str, str] = {}
+        propagate.inject(headers)
+        assert "traceparent" in headers
+        r = httpx.post(f"{url}/v1/refine", headers=headers, timeout=30,
+                       json=body([{"prompt": "Hi", "draft": "Hello"}, {"prompt": "Yo", "draft": "Hey"}],
+                                 block_size=4, max_new_tokens=8))
+    assert r.status_code == 200
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    server = spans["diffpo.server POST /v1/refine"]
+    ctx = client_span.get_span_context()
+    assert server.parent.span_id == ctx.span_id and server.context.trace_id == ctx.trace_id
+    queue, batch = spans["diffpo.server.queue"], spans["diffpo.engine.batch"]
+    assert queue.parent.span_id == server.context.span_id and batch.parent.span_id == server.context.span_id
+    items = r.json()["items"]
+    assert batch.attributes["diffpo.batch_size"] == 2
+    assert batch.attributes["diffpo.passes"] == max(i["iterations"] for i in items)
+    tokens = sum(i["new_tokens"] for i in items)
+    assert batch.attributes["diffpo.tokens_per_pass"] == pytest.approx(tokens / batch.attributes["diffpo.passes"])
+    # no prompt or answer text in any span
+    for s in exporter.get_finished_spans():
+        assert not any(isinstance(v, str) and ("Hello" in v or "Hey" in v) for v in s.attributes.values())
+
+
+def test_metrics_are_exposed(tiny_engine, start_server):
+    url, _ = start_server(tiny_engine)
+    with httpx.Client(base_url=url, timeout=30) as c:
+        for _ in range(2):
+            assert c.post("/v1/refine", json=body([{"prompt": "Hi", "draft": "Hello"}], block_size=4,
+                                                   max_new_tokens=8)).status_code == 200
+        assert c.post("/v1/refine", json={"items": []}).status_code == 422
+        text = c.get("/metrics").text
+    assert metric_value(text, "diffpo_requests_total", 'endpoint="/v1/refine",status="200"') == 2
+    assert metric_value(text, "diffpo_requests_total", 'endpoint="/v1/refine",status="422"') == 1
+    assert metric_value(text, "diffpo_errors_total", 'kind="validation"') == 1
+    assert metric_value(text, "diffpo_batch_items_count") == 2
+    assert metric_value(text, "diffpo_request_seconds_count", 'endpoint="/v1/refine"') == 3
+    assert metric_value(text, "diffpo_passes_per_token_count") == 2
+    assert metric_value(text, "diffpo_tokens_per_pass_count") == 2
+    assert metric_value(text, "diffpo_tokens_total") > 0
+    assert metric_value(text, "diffpo_queue_wait_seconds_count") == 2
+    assert "diffpo_queue_depth 0.0" in text and "process_resident_memory_bytes" in text
+
+
+def test_health_is_503_until_the_model_loads(tiny_engine, start_server):
+    loaded = threading.Event()
+
+    def loader():
+        loaded.wait(20)
+        return tiny_engine
+
+    url, _ = start_server(loader)
+    req = body([{"prompt": "Hi", "draft": "Hello"}], block_size=2, max_new_tokens=4)
+    with httpx.Client(base_url=url, timeout=30) as c:
+        h = c.get("/health")
+        assert h.status_code == 503 and h.json()["status"] == "loading" and h.headers["retry-after"]
+        r = c.post("/v1/refine", json=req)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "not_ready"
+        loaded.set()
+        deadline = time.monotonic() + 10
+        while c.get("/health").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert c.post("/v1/refine", json=req).status_code == 200
+
+
+def test_failed_load_is_reported_by_health(start_server):
+    def loader():
+        raise FileNotFoundError("no such model: /nowhere")
+
+    url, _ = start_server(loader)
+    deadline = time.monotonic() + 10
+    while (h := httpx.get(f"{url}/health")).json()["status"] == "loading":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert h.status_code == 503 and "no such model" in h.json()["error"]
+
+
+@pytest.mark.timeout(180)
+def test_cli_serves_a_model_end_to_end(tiny_llama_dir, tmp_path):
+    """``python -m diffpo_sdk.server`` in its own process: binds loopback, loads, serves, logs no content."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "DIFFPO_API_KEY": "cli-key", "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "diffpo_sdk.server", "--model", tiny_llama_dir, "--device", "cpu",
+             "--port", str(port), "--default-block-size", "4", "--default-max-new-tokens", "8"],
+            stdout=out, stderr=subprocess.STDOUT, env=env,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 150
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.3)
+        r = httpx.post(f"{url}/v1/refine", headers={"Authorization": "Bearer cli-key"}, timeout=30,
+                       json={"items": [{"prompt": "Secret prompt text", "draft": "Secret draft text"}]})
+        assert r.status_code == 200, r.text
+        assert r.json()["items"][0]["new_tokens"] <= 8  # the server default applied
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    text = log.read_text()
+    assert "Secret" not in text and "ready" in text

@@ -1,0 +1,135 @@
+"""Shared pieces of the server tests: a real uvicorn server on a free loopback port, engine wrappers.
+
+No tests here; ``test_server*.py`` modules import what they need.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+PROMPTS = [
+    "Name three primary colors.",
+    "What is the capital of France?",
+    "Give me a tip for sleeping better.",
+    "Write a haiku about the sea.",
+    "Explain what a CPU does in one sentence.",
+    "How many legs does a spider have?",
+    "Suggest a name for a pet goldfish.",
+    "What is 12 times 12?",
+]
+
+
+def alpaca_items(rows: list[dict], n: int) -> list[dict[str, str]]:
+    """Real prompts with a real model's answer as the draft (cut short: the tiny model is random)."""
+    items = []
+    for row in rows[:n]:
+        items.append({"prompt": row["instruction"][:300], "draft": row["responses"][0]["output"][:200]})
+    return items
+
+
+@contextlib.contextmanager
+def serve(app: Any) -> Iterator[str]:
+    """Run ``app`` with uvicorn on 127.0.0.1 in a background thread; yield its base URL."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        sock.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_llama_dir: str, tmp_path_factory: pytest.TempPathFactory):
+    """The shared tiny Llama re-initialised with larger weights: at the default scale its greedy
+    answer is newlines whatever the prompt, which would make output comparisons toothless."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    from diffpo_sdk.engine import RefinerEngine
+
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("sharp-tiny-llama")
+    config = AutoConfig.from_pretrained(tiny_llama_dir)
+    config.initializer_range = 0.3
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(out)
+    return RefinerEngine.from_pretrained(str(out), device="cpu", dtype="float32", calibrate=False)
+
+
+@pytest.fixture
+def start_server():
+    """``start_server(engine_or_loader, **config_fields) -> (base_url, app)``; stopped after the test."""
+    from diffpo_sdk.server import ServerConfig, create_app
+
+    stack = contextlib.ExitStack()
+
+    def start(engine: Any, tracer_provider: Any = None, **fields: Any) -> tuple[str, Any]:
+        app = create_app(engine, ServerConfig(**fields), tracer_provider=tracer_provider)
+        return stack.enter_context(serve(app)), app
+
+    with stack:
+        yield start
+
+
+class WrappedEngine:
+    """Delegates to a real engine; subclasses change ``refine`` to script a situation."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.calls: list[list[str]] = []  # drafts of each refine() call
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    def refine(self, items: list[Any], **kw: Any) -> Any:
+        self.calls.append([i.draft for i in items])
+        return self.engine.refine(items, **kw)
+
+
+class GatedEngine(WrappedEngine):
+    """Blocks every batch until ``gate`` is set, so a test controls what is queued and running."""
+
+    def __init__(self, engine: Any) -> None:
+        super().__init__(engine)
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def refine(self, items: list[Any], **kw: Any) -> Any:
+        self.entered.set()
+        if not self.gate.wait(30):
+            raise RuntimeError("gate never opened")
+        return super().refine(items, **kw)
+
+
+def metric_value(text: str, name: str, labels: str = "") -> float:
+    """One sample from a Prometheus text exposition (0 when absent)."""
+    want = f"{name}{{{labels}}}" if labels else name
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        if key == want:
+            return float(value)
+    return 0.0
