@@ -1,0 +1,298 @@
+"""``POST /v1/chat/completions``: an OpenAI-compatible refining proxy.
+
+The request goes to the upstream LLM through LiteLLM (any provider; keys come from the
+server's environment), the upstream answer becomes the draft, the loaded refiner rewrites
+it, and the client gets an OpenAI ``chat.completion`` back: upstream ``usage`` kept, the
+refinement's stats in an extra ``diffpo`` field. Answers with tool calls pass through
+untouched. If the refiner cannot help (queue full, deadline, a conversation its template
+cannot take), the upstream answer is returned as is, marked ``"diffpo": {"refined": false}``:
+the user's answer is never lost because refinement failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import InvalidRequestError
+from ..protocol import Message, RefineItem, RefineOptions
+from .batcher import DeadlineExceededError, OptionsKey, OutOfMemoryError, QueueFullError, ShuttingDownError
+from .state import ServerState, until_disconnect
+
+log = logging.getLogger("diffpo_sdk.server")
+
+#: OpenAI parameters forwarded upstream. Anything else (api_base, api_key, ...) is ignored:
+#: a client must not redirect the server's keys to a host of its choosing.
+FORWARDED_PARAMS = frozenset({
+    "temperature", "top_p", "n", "stop", "max_tokens", "max_completion_tokens", "presence_penalty",
+    "frequency_penalty", "logit_bias", "seed", "user", "tools", "tool_choice", "parallel_tool_calls",
+    "response_format", "logprobs", "top_logprobs", "reasoning_effort", "metadata",
+})
+#: Refiner-side failures that fall back to the upstream answer instead of failing the call.
+FAIL_OPEN = (QueueFullError, DeadlineExceededError, OutOfMemoryError, ShuttingDownError, InvalidRequestError)
+
+
+class ChatMessage(BaseModel):
+    """An OpenAI chat message; extra keys (name, tool_calls, tool_call_id...) pass through."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(BaseModel):
+    """OpenAI chat completion request, plus optional refiner options under ``diffpo``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = Field(None, description="upstream LiteLLM model id; the server's --upstream-model if absent")
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    stream: bool = False
+    diffpo: RefineOptions | None = Field(None, description="refiner options (block_size, max_new_tokens, ...)")
+
+
+class UpstreamError(Exception):
+    def __init__(self, status: int, message: str, retry_after: str | None = None):
+        super().__init__(message)
+        self.status, self.retry_after = status, retry_after
+
+
+def add_chat_routes(app: FastAPI, state: ServerState) -> None:
+    errors = state.metrics.errors
+
+    @app.exception_handler(UpstreamError)
+    async def _upstream(request: Request, exc: UpstreamError) -> JSONResponse:
+        from .app import error_response
+
+        errors.labels("upstream").inc()
+        headers = {"Retry-After": exc.retry_after} if exc.retry_after else None
+        return error_response(exc.status, "upstream_error", str(exc), headers)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        """OpenAI-compatible: upstream answer, refined. ``stream: true`` gives Server-Sent Events."""
+        batcher = state.ready_batcher()
+        model = body.model or state.config.upstream_model
+        if not model:
+            raise InvalidRequestError("no upstream model: name one in 'model' or start the server with --upstream-model")
+        key = state.resolve_options(body.diffpo or RefineOptions())
+        params = {k: v for k, v in (body.model_extra or {}).items() if k in FORWARDED_PARAMS}
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        upstream = await until_disconnect(request, _call_upstream(state, model, messages, params))
+
+        conversation, reason = to_conversation(body.messages)
+        choices = upstream.get("choices") or []
+        targets = [i for i, ch in enumerate(choices) if _refinable(ch)]
+        if conversation is not None and not targets:
+            reason = "the answer has tool calls or no text: passed through untouched"
+        items = [] if reason else [RefineItem(messages=conversation, draft=choices[i]["message"]["content"]) for i in targets]
+        if items:
+            try:
+                await state.check_items(items, key)
+            except InvalidRequestError as e:
+                reason = str(e)
+                items = []
+        if body.stream:
+            gen = _stream(state, upstream, items, targets, key, reason)
+            return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        if not items:
+            upstream["diffpo"] = {"refined": False, "reason": reason}
+            return upstream
+        try:
+            results, stats = await until_disconnect(request, batcher.refine(items, key))
+        except FAIL_OPEN as e:
+            errors.labels("refine_failed_open").inc()
+            upstream["diffpo"] = {"refined": False, "reason": str(e)}
+            return upstream
+        for i, res in zip(targets, results):
+            upstream["choices"][i]["message"]["content"] = res.text
+            if res.finish_reason != "stop":
+                upstream["choices"][i]["finish_reason"] = "length"
+        upstream["diffpo"] = _stats(state, results, stats)
+        _log_content(state, messages, items, results)
+        return upstream
+
+
+def to_conversation(messages: list[ChatMessage]) -> tuple[list[Message] | None, str]:
+    """The request's messages as refiner turns, or (None, why) when the template cannot take them."""
+    out: list[Message] = []
+    for m in messages:
+        role = "system" if m.role == "developer" else m.role
+        if role not in ("system", "user", "assistant") or getattr(m, "tool_calls", None):
+            return None, f"the conversation has a {m.role!r} turn with tool traffic: passed through untouched"
+        if isinstance(m.content, list):
+            text = "".join(p.get("text", "") for p in m.content if isinstance(p, dict) and p.get("type") == "text")
+        else:
+            text = m.content or ""
+        out.append(Message(role=role, content=text))
+    if out[-1].role != "user":
+        return None, "the last turn is not a user turn, so there is no answer to refine: passed through untouched"
+    return out, ""
+
+
+def _refinable(choice: Any) -> bool:
+    msg = choice.get("message") if isinstance(choice, dict) else None
+    return bool(msg) and not msg.get("tool_calls") and not msg.get("function_call") and isinstance(msg.get("content"), str)
+
+
+async def _call_upstream(state: ServerState, model: str, messages: list[dict], params: dict[str, Any]) -> dict[str, Any]:
+    cfg = state.config
+    litellm = await asyncio.to_thread(importlib.import_module, "litellm")  # slow first import, off the loop
+    litellm.suppress_debug_info = True
+    kwargs: dict[str, Any] = {"model": model, "messages": messages, "timeout": cfg.upstream_timeout, **params}
+    if cfg.upstream_api_base:
+        kwargs["api_base"] = cfg.upstream_api_base
+    kwargs.update(cfg.upstream_extra)
+    with state.tracer.start_as_current_span("diffpo.server.upstream") as span:
+        span.set_attribute("diffpo.upstream.model", model)
+        try:
+            resp = await litellm.acompletion(**kwargs)
+        except Exception as e:
+            status = getattr(e, "status_code", None)
+            span.record_exception(e)
+            if status in (400, 404, 422):
+                raise UpstreamError(400, f"the upstream LLM rejected the request: {e}") from e
+            if status == 429:
+                raise UpstreamError(429, f"the upstream LLM is rate limiting: {e}", retry_after="5") from e
+            if status == 408 or "timeout" in type(e).__name__.lower():
+                raise UpstreamError(504, f"the upstream LLM timed out: {e}") from e
+            raise UpstreamError(502, f"the upstream LLM call failed ({type(e).__name__}): {e}") from e
+    out = resp.model_dump() if hasattr(resp, "model_dump") else dict(resp)
+    out.pop("_hidden_params", None)
+    if isinstance(out.get("usage"), dict):  # LiteLLM fills absent details with nulls
+        out["usage"] = {k: v for k, v in out["usage"].items() if v is not None}
+    return out
+
+
+def _stats(state: ServerState, results: list[Any], stats: dict[str, float]) -> dict[str, Any]:
+    return {
+        "refined": True,
+        "refiner": state.engine.model_name,
+        "items": [
+            {
+                "iterations": r.iterations,
+                "new_tokens": r.new_tokens,
+                "converged": r.converged,
+                "finish_reason": "stop" if r.finish_reason == "stop" else "length",
+                "passes_per_token": r.iterations / max(r.new_tokens, 1),
+            }
+            for r in results
+        ],
+        "timing": {k: float(v) for k, v in stats.items()},
+    }
+
+
+def _log_content(state: ServerState, messages: list[dict], items: list[RefineItem], results: list[Any]) -> None:
+    if state.config.log_content:
+        for item, res in zip(items, results):
+            log.info("proxy refined: messages=%r draft=%r answer=%r", messages, item.draft, res.text)
+
+
+# -- streaming ---------------------------------------------------------------------------------
+
+
+class IncrementalText:
+    """Token ids in, new text out; holds back an incomplete UTF-8 character at the end."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer, self.ids, self.text = tokenizer, [], ""
+
+    def push(self, ids: list[int]) -> str:
+        self.ids += ids
+        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if full.endswith("\ufffd") or not full.startswith(self.text):
+            return ""
+        new, self.text = full[len(self.text):], full
+        return new
+
+    def finish(self, final: str) -> str:
+        """The rest of the final text, if what was streamed is its prefix (it always should be)."""
+        if final.startswith(self.text):
+            new, self.text = final[len(self.text):], final
+            return new
+        log.warning("streamed text diverged from the final answer; the final diffpo field has the stats")
+        return ""
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _stream(
+    state: ServerState,
+    upstream: dict[str, Any],
+    items: list[RefineItem],
+    targets: list[int],
+    key: OptionsKey,
+    reason: str,
+) -> AsyncIterator[str]:
+    """The refined answer as it is decided, as OpenAI ``chat.completion.chunk`` events."""
+    base = {
+        "id": upstream.get("id") or f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion.chunk",
+        "created": upstream.get("created") or int(time.time()),
+        "model": upstream.get("model"),
+    }
+    choices = upstream.get("choices") or []
+
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+        return _sse({**base, "choices": [{"index": index, "delta": delta, "finish_reason": finish}], **extra})
+
+    for ch in choices:
+        yield chunk(ch.get("index", 0), {"role": "assistant"})
+    finish = {i: ch.get("finish_reason") or "stop" for i, ch in enumerate(choices)}
+    diffpo: dict[str, Any] = {"refined": False, "reason": reason}
+
+    if items:
+        events: asyncio.Queue = asyncio.Queue()
+        texts = [IncrementalText(state.engine.tokenizer) for _ in items]
+        task = asyncio.ensure_future(
+            state.ready_batcher().refine(items, key, on_tokens=lambda k, ids: events.put_nowait((k, ids)))
+        )
+        task.add_done_callback(lambda _: events.put_nowait(None))
+        try:
+            while (event := await events.get()) is not None:
+                k, ids = event
+                if new := texts[k].push(ids):
+                    yield chunk(targets[k], {"content": new})
+            results, stats = task.result()
+        except FAIL_OPEN as e:
+            state.metrics.errors.labels("refine_failed_open").inc()
+            diffpo = {"refined": False, "reason": str(e), "partial": any(t.text for t in texts)}
+            for k, i in enumerate(targets):
+                if not texts[k].text:  # nothing streamed yet: the draft is still whole
+                    yield chunk(i, {"content": items[k].draft})
+        else:
+            for k, (i, res) in enumerate(zip(targets, results)):
+                if rest := texts[k].finish(res.text):
+                    yield chunk(i, {"content": rest})
+                if res.finish_reason != "stop":
+                    finish[i] = "length"
+            diffpo = _stats(state, results, stats)
+        finally:
+            if not task.done():  # the client went away mid-stream: stop spending compute
+                task.cancel()
+
+    untouched = set(range(len(choices))) - set(targets) if items else set(range(len(choices)))
+    for i in sorted(untouched):
+        msg = choices[i].get("message") or {}
+        delta = {k: msg[k] for k in ("content", "function_call") if msg.get(k)}
+        if msg.get("tool_calls"):  # streamed tool calls carry their position
+            delta["tool_calls"] = [{**tc, "index": n} for n, tc in enumerate(msg["tool_calls"])]
+        if delta:
+            yield chunk(choices[i].get("index", i), delta)
+    for i, ch in enumerate(choices):
+        yield chunk(ch.get("index", i), {}, finish[i])
+    yield _sse({**base, "choices": [], "usage": upstream.get("usage"), "diffpo": diffpo})
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,204 @@
+"""``/v1/chat/completions``: the refining proxy, against a local OpenAI-compatible upstream stub
+and LiteLLM's ``mock_response``, non-streaming, streaming, and through the OpenAI SDK."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from test_server_support import WrappedEngine, metric_value, serve, start_server, tiny_engine  # noqa: F401
+
+pytestmark = pytest.mark.timeout(120)
+
+ANSWER = "Paris is the capital of France. It is known for the Eiffel Tower."
+USAGE = {"prompt_tokens": 11, "completion_tokens": 15, "total_tokens": 26}
+MESSAGES = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "What is the capital of France?"}]
+OPTS = {"block_size": 4, "max_new_tokens": 16}
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    """A stand-in for the upstream LLM (outside our system): canned OpenAI chat completions."""
+    app = FastAPI()
+    app.state.seen = []
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await request.json()
+        app.state.seen.append({"body": body, "auth": request.headers.get("authorization")})
+        if body["model"] == "stub-error":
+            return JSONResponse({"error": {"message": "upstream exploded", "type": "server_error"}}, status_code=500)
+        message = {"role": "assistant", "content": ANSWER}
+        finish = "stop"
+        if body.get("tools"):
+            message = {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]}
+            finish = "tool_calls"
+        return {"id": "chatcmpl-stub", "object": "chat.completion", "created": int(time.time()), "model": body["model"],
+                "choices": [{"index": 0, "message": message, "finish_reason": finish}], "usage": USAGE}
+
+    with serve(app) as url:
+        app.state.url = url
+        yield app.state
+
+
+@pytest.fixture
+def proxy(tiny_engine, start_server, upstream, monkeypatch):
+    """Start a refiner whose default upstream is the stub; the upstream key comes from the env."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-upstream-from-env")
+    upstream.seen.clear()
+
+    def start(engine=None, **fields):
+        fields = {"upstream_model": "openai/stub-model", "upstream_api_base": f"{upstream.url}/v1",
+                  "upstream_extra": {"max_retries": 0}, **fields}
+        return start_server(engine or tiny_engine, **fields)[0]
+
+    return start
+
+
+def refined(engine, messages, draft, **opts):
+    return engine.refine([{"messages": messages, "draft": draft}], **{**OPTS, **opts})[0]
+
+
+def test_refines_the_upstream_answer(proxy, upstream, tiny_engine):
+    url = proxy()
+    r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+        "messages": MESSAGES, "temperature": 0.2, "max_tokens": 50, "diffpo": OPTS,
+        # a client must not be able to send the server's key elsewhere
+        "api_base": "http://attacker.invalid", "api_key": "stolen", "base_url": "http://attacker.invalid",
+    })
+    assert r.status_code == 200, r.text
+    out = r.json()
+    expected = refined(tiny_engine, MESSAGES, ANSWER)
+    assert out["object"] == "chat.completion" and out["choices"][0]["message"]["role"] == "assistant"
+    assert out["choices"][0]["message"]["content"] == expected.text != ANSWER
+    assert out["usage"]["prompt_tokens"] == 11 and out["usage"]["completion_tokens"] == 15
+    d = out["diffpo"]
+    assert d["refined"] is True and d["refiner"] == tiny_engine.model_name
+    assert d["items"][0]["iterations"] == expected.iterations and d["items"][0]["new_tokens"] == expected.new_tokens
+    (seen,) = upstream.seen
+    assert seen["auth"] == "Bearer sk-upstream-from-env"
+    assert seen["body"]["model"] == "stub-model" and seen["body"]["temperature"] == 0.2
+    assert seen["body"]["max_tokens"] == 50 and seen["body"]["messages"] == MESSAGES
+    assert not {"api_base", "api_key", "base_url", "diffpo"} & set(seen["body"])
+
+
+def test_openai_sdk_works_by_changing_base_url(proxy, tiny_engine):
+    openai = pytest.importorskip("openai")
+    url = proxy(api_key="proxy-key")
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="proxy-key", max_retries=0)
+    expected = refined(tiny_engine, MESSAGES, ANSWER)
+    resp = client.chat.completions.create(model="openai/stub-model", messages=MESSAGES, extra_body={"diffpo": OPTS})
+    assert resp.choices[0].message.content == expected.text
+    assert resp.usage.total_tokens == 26 and resp.model_extra["diffpo"]["refined"] is True
+    stream = client.chat.completions.create(model="openai/stub-model", messages=MESSAGES, stream=True,
+                                            extra_body={"diffpo": OPTS})
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert "".join(pieces) == expected.text
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).chat.completions.create(
+            model="openai/stub-model", messages=MESSAGES)
+
+
+def read_sse(response: httpx.Response) -> list:
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def test_streaming_sends_the_refined_answer_as_it_is_decided(proxy, tiny_engine):
+    url = proxy()
+    opts = {"block_size": 4, "max_new_tokens": 24}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60,
+                      json={"messages": MESSAGES, "stream": True, "diffpo": opts}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = read_sse(r)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == "chatcmpl-stub" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
+    contents = [c["choices"][0]["delta"].get("content") for c in chunks if c["choices"]]
+    contents = [c for c in contents if c]
+    expected = refined(tiny_engine, MESSAGES, ANSWER, **opts)
+    assert "".join(contents) == expected.text
+    assert len(contents) >= 3  # streamed piece by piece, not in one lump at the end
+    finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert finish == ["stop" if expected.finish_reason == "stop" else "length"]
+    last = chunks[-1]
+    assert last["choices"] == [] and last["usage"] == USAGE and last["diffpo"]["refined"] is True
+
+
+def test_tool_calls_pass_through_untouched(proxy, tiny_engine):
+    engine = WrappedEngine(tiny_engine)
+    url = proxy(engine)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}]
+    r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={"messages": MESSAGES, "tools": tools})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    assert choice["message"]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    assert r.json()["diffpo"]["refined"] is False
+    with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60,
+                      json={"messages": MESSAGES, "tools": tools, "stream": True}) as s:
+        events = read_sse(s)
+    deltas = [e["choices"][0]["delta"] for e in events[:-1] if e["choices"]]
+    assert any(d.get("tool_calls", [{}])[0].get("function", {}).get("name") == "get_weather" for d in deltas)
+    assert engine.calls == []  # the refiner never saw it
+
+
+def test_conversation_ending_in_a_tool_turn_passes_through(proxy, tiny_engine):
+    engine = WrappedEngine(tiny_engine)
+    url = proxy(engine)
+    messages = [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={"messages": messages})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == ANSWER
+    assert r.json()["diffpo"]["refined"] is False and engine.calls == []
+
+
+def test_litellm_mock_response_upstream(tiny_engine, start_server):
+    url, _ = start_server(tiny_engine, upstream_extra={"mock_response": "It is Paris, of course."})
+    r = httpx.post(f"{url}/v1/chat/completions", timeout=60,
+                   json={"model": "gpt-4o-mini", "messages": MESSAGES, "diffpo": OPTS})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["model"] == "gpt-4o-mini" and out["usage"]["total_tokens"] > 0
+    assert out["choices"][0]["message"]["content"] == refined(tiny_engine, MESSAGES, "It is Paris, of course.").text
+
+
+def test_fails_open_to_the_upstream_answer_when_the_refiner_is_full(proxy):
+    url = proxy(max_queue=0)
+    r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={"messages": MESSAGES})
+    assert r.status_code == 200
+    out = r.json()
+    assert out["choices"][0]["message"]["content"] == ANSWER
+    assert out["diffpo"]["refined"] is False and "queue is full" in out["diffpo"]["reason"]
+    with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60, json={"messages": MESSAGES, "stream": True}) as s:
+        events = read_sse(s)
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-1] if e["choices"])
+    assert text == ANSWER and events[-2]["diffpo"]["refined"] is False
+
+
+def test_upstream_and_request_errors(proxy, tiny_engine, start_server):
+    url = proxy()
+    r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={"model": "openai/stub-error", "messages": MESSAGES})
+    assert r.status_code == 502 and r.json()["error"]["type"] == "upstream_error"
+    r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={"model": "no-such-provider-model", "messages": MESSAGES})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "upstream_error"
+    r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={"messages": []})
+    assert r.status_code == 422 and "messages" in r.json()["error"]["message"]
+    r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={"messages": MESSAGES, "diffpo": {"block_size": 0}})
+    assert r.status_code == 422 and "block_size" in r.json()["error"]["message"]
+    bare, _ = start_server(tiny_engine)  # no --upstream-model
+    r = httpx.post(f"{bare}/v1/chat/completions", timeout=60, json={"messages": MESSAGES})
+    assert r.status_code == 400 and "--upstream-model" in r.json()["error"]["message"]
+    metrics = httpx.get(f"{url}/metrics").text
+    assert metric_value(metrics, "diffpo_errors_total", 'kind="upstream"') == 2
