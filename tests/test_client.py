@@ -1,0 +1,192 @@
+"""The clients against the real refiner server on 127.0.0.1 (and the in-process engine)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from diffpo_sdk.bench.client import EchoEngine, free_port, serve_engine
+from diffpo_sdk.client import (
+    AsyncDiffPOClient,
+    AsyncInProcessClient,
+    DiffPOClient,
+    InProcessClient,
+    async_client_from_settings,
+    client_from_settings,
+)
+from diffpo_sdk.errors import ContextLengthError, InvalidRequestError, RefinerUnavailableError
+from diffpo_sdk.protocol import RefineResponse
+from diffpo_sdk.settings import DiffPOSettings
+
+ITEM = {"messages": [{"role": "user", "content": "Name a colour."}], "draft": "Blue is a colour."}
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_llama_dir):
+    from diffpo_sdk.engine import RefinerEngine
+
+    return RefinerEngine.from_pretrained(tiny_llama_dir, device="cpu", calibrate=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_engine):
+    server = serve_engine(tiny_engine, max_wait_ms=1.0)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def echo_servers():
+    engines = [EchoEngine(lambda it: it.draft.upper()), EchoEngine(lambda it: it.draft.upper())]
+    servers = [serve_engine(e, max_wait_ms=0.0) for e in engines]
+    yield servers, engines
+    for s in servers:
+        s.stop()
+
+
+# -- settings -------------------------------------------------------------------------------
+
+
+def test_settings_from_environment(monkeypatch):
+    monkeypatch.setenv("DIFFPO_ENDPOINT", "http://a:1/, http://b:2")
+    monkeypatch.setenv("DIFFPO_BLOCK_SIZE", "32")
+    monkeypatch.setenv("DIFFPO_MAX_ITERATIONS", "")
+    monkeypatch.setenv("DIFFPO_API_KEY", "sekret")
+    monkeypatch.setenv("DIFFPO_FAIL_OPEN", "false")
+    s = DiffPOSettings()
+    assert s.endpoint == ["http://a:1", "http://b:2"]
+    assert s.block_size == 32 and s.max_iterations is None and s.fail_open is False
+    assert s.api_key is not None and s.api_key.get_secret_value() == "sekret"
+    assert "sekret" not in repr(s)
+    assert s.resolved_backend() == "http"
+    assert s.merged(endpoint="http://c:3", block_size="auto").endpoint == ["http://c:3"]
+    assert DiffPOSettings(endpoint=[]).resolved_backend() == "in_process"
+    assert isinstance(client_from_settings(DiffPOSettings(endpoint=[])), InProcessClient)
+
+
+def test_no_endpoint_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("DIFFPO_ENDPOINT", raising=False)
+    with pytest.raises(InvalidRequestError, match="DIFFPO_ENDPOINT"):
+        DiffPOClient()
+
+
+def test_import_stays_light():
+    code = ("import sys, diffpo_sdk, diffpo_sdk.client, diffpo_sdk.runnable, diffpo_sdk.litellm, diffpo_sdk.agents, "
+            "diffpo_sdk.chat_model, diffpo_sdk.tracing; diffpo_sdk.DiffPORefiner; "
+            "bad = [m for m in ('torch', 'transformers', 'litellm') if m in sys.modules]; print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+# -- against the real server ------------------------------------------------------------------
+
+
+def test_refine_over_http_matches_in_process(tiny_server, tiny_engine):
+    with DiffPOClient(tiny_server.url) as client:
+        resp = client.refine([ITEM, {"prompt": "Say hi.", "draft": "hi"}], block_size=4, max_new_tokens=16)
+    assert isinstance(resp, RefineResponse) and len(resp.items) == 2
+    assert resp.timing["total_ms"] > 0
+    local = InProcessClient(engine=tiny_engine).refine([ITEM, {"prompt": "Say hi.", "draft": "hi"}],
+                                                        block_size=4, max_new_tokens=16)
+    # same engine, same greedy fixed point: HTTP adds nothing but transport
+    assert [i.text for i in resp.items] == [i.text for i in local.items]
+    assert all(i.iterations >= 1 and i.new_tokens >= 1 for i in resp.items)
+
+
+async def test_async_client_and_concurrency(tiny_server):
+    async with AsyncDiffPOClient(tiny_server.url) as client:
+        drafts = [f"answer number {i}" for i in range(6)]
+        resps = await asyncio.gather(*(
+            client.refine([{"prompt": f"question {i}", "draft": d}], block_size=8, max_new_tokens=8)
+            for i, d in enumerate(drafts)
+        ))
+    assert all(len(r.items) == 1 for r in resps)
+
+
+def test_in_process_backend_from_settings(tiny_llama_dir):
+    settings = DiffPOSettings(endpoint=[], model=tiny_llama_dir, device="cpu")
+    client = client_from_settings(settings)
+    assert isinstance(client, InProcessClient)
+    [out] = client.refine_or_keep([ITEM], block_size=4, max_new_tokens=8)
+    assert out.refined and out.info["backend"] == "in_process" and out.info["iterations"] >= 1
+
+
+async def test_async_in_process_backend(tiny_llama_dir):
+    client = async_client_from_settings(DiffPOSettings(endpoint=[], model=tiny_llama_dir, device="cpu"))
+    assert isinstance(client, AsyncInProcessClient)
+    outs = await asyncio.gather(*(client.refine_or_keep([ITEM], max_new_tokens=8) for _ in range(3)))
+    assert all(o[0].refined for o in outs)
+
+
+def test_bad_input_gets_a_typed_error_and_fail_open_keeps_the_draft(tiny_server):
+    long_prompt = "word " * 3000  # beyond the tiny model's 2048-token context
+    item = {"prompt": long_prompt, "draft": "my draft"}
+    with DiffPOClient(tiny_server.url) as client:
+        with pytest.raises(ContextLengthError, match="400"):
+            client.refine([item], max_new_tokens=16)
+        [out] = client.refine_or_keep([item], max_new_tokens=16, fail_open=True)
+        assert out.text == "my draft" and not out.refined
+        assert out.info["error"].startswith("ContextLengthError")
+        with pytest.raises(InvalidRequestError, match="block_size"):
+            client.refine([item], block_size=64, max_new_tokens=16)  # caught before any request
+
+
+def test_api_key_is_sent(tiny_engine):
+    server = serve_engine(tiny_engine, api_key="k-123")
+    try:
+        with DiffPOClient(server.url, api_key="wrong", retries=0) as bad:
+            with pytest.raises(RefinerUnavailableError, match="401") as e:
+                bad.refine([ITEM], max_new_tokens=4)
+            assert e.value.status_code == 401
+        with DiffPOClient(server.url, api_key="k-123") as good:
+            assert good.refine([ITEM], max_new_tokens=4).items
+    finally:
+        server.stop()
+
+
+def test_spreads_over_endpoints_and_fails_over(echo_servers):
+    servers, engines = echo_servers
+    dead = f"http://127.0.0.1:{free_port()}"
+    with DiffPOClient([dead, servers[0].url, servers[1].url], timeout=5) as client:
+        before = [e.calls for e in engines]
+        for i in range(20):
+            [out] = client.refine_or_keep([{"prompt": "p", "draft": f"d{i}"}], fail_open=False)
+            assert out.text == f"D{i}"
+        spread = [e.calls - b for e, b in zip(engines, before)]
+    assert sum(spread) == 20 and min(spread) >= 5, spread
+
+
+def test_more_items_than_one_request_holds(echo_servers):
+    servers, _ = echo_servers
+    items = [{"prompt": "p", "draft": f"d{i}"} for i in range(70)]
+    with DiffPOClient(servers[0].url) as client:
+        resp = client.refine(items)
+    assert [i.text for i in resp.items] == [f"D{i}" for i in range(70)]
+
+
+def test_traceparent_reaches_the_server(echo_servers):
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    seen: list[str] = []
+
+    def hook(request: httpx.Request) -> None:
+        seen.append(request.headers.get("traceparent", ""))
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    servers, _ = echo_servers
+    with DiffPOClient(servers[0].url, http_client=httpx.Client(event_hooks={"request": [hook]})) as client:
+        with tracer.start_as_current_span("caller") as span:
+            client.refine([ITEM])
+            trace_id = format(span.get_span_context().trace_id, "032x")
+    assert re.fullmatch(rf"00-{trace_id}-[0-9a-f]{{16}}-[0-9a-f]{{2}}", seen[-1])
