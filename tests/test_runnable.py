@@ -8,7 +8,6 @@ import re
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import httpx
 import pytest
@@ -184,7 +183,8 @@ def test_forty_concurrent_runs_no_cross_talk(echo):
     chain = PROMPT | EchoChat() | StrOutputParser() | r
     questions = [f"question-{i}" for i in range(40)]
     # batch with concurrency
-    assert chain.batch([{"q": q} for q in questions], config={"max_concurrency": 40}) == [expected(q) for q in questions]
+    outs = chain.batch([{"q": q} for q in questions], config={"max_concurrency": 40})
+    assert outs == [expected(q) for q in questions]
     # plain threads
     with ThreadPoolExecutor(max_workers=40) as pool:
         outs = list(pool.map(lambda q: chain.invoke({"q": q}), questions))
@@ -300,8 +300,8 @@ def test_real_refiner_sees_the_captured_prompt(tiny_engine):
         server.stop()
     # the same refiner in-process, given the prompt explicitly: identical greedy answers
     want = tiny_engine.refine(
-        [{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": q}], "draft": f"draft({q})"}
-         for q in ("first", "second")],
+        [{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": q}],
+          "draft": f"draft({q})"} for q in ("first", "second")],
         block_size=4, max_new_tokens=12,
     )
     assert [o.content for o in outs] == [w.text for w in want]

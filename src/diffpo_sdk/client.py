@@ -19,6 +19,7 @@ import itertools
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +56,8 @@ __all__ = [
     "Outcome",
     "async_client_from_settings",
     "client_from_settings",
+    "shared_async_client",
+    "shared_client",
 ]
 
 
@@ -159,7 +162,8 @@ class _Traced:
     def _failed(self, span: Any, error: BaseException, fail_open: bool) -> None:
         tracing.record_fallback(span, error, fail_open=fail_open)
         if fail_open:
-            log.warning("refiner could not answer, returning the draft(s) unrefined: %s: %s", type(error).__name__, error)
+            log.warning("refiner could not answer, returning the draft(s) unrefined: %s: %s",
+                        type(error).__name__, error)
 
 
 # -- HTTP --------------------------------------------------------------------------------
@@ -333,7 +337,8 @@ def _note_retry(state: RetryCallState) -> None:
 def _mark_server(span: Any, url: str, attempts: int) -> None:
     if span.is_recording():
         u = httpx.URL(url)
-        span.set_attributes({tracing.SERVER_ADDRESS: u.host, tracing.SERVER_PORT: u.port or (443 if u.scheme == "https" else 80),
+        port = u.port or (443 if u.scheme == "https" else 80)
+        span.set_attributes({tracing.SERVER_ADDRESS: u.host, tracing.SERVER_PORT: port,
                              tracing.DIFFPO_ATTEMPTS: attempts})
 
 
@@ -625,7 +630,8 @@ class AsyncInProcessClient(_Traced):
 
     def __init__(self, model: str | None = None, *, settings: DiffPOSettings | None = None, engine: Any = None,
                  device: str | None = None, dtype: str | None = None, adapter: str | None = None) -> None:
-        self._sync = InProcessClient(model, settings=settings, engine=engine, device=device, dtype=dtype, adapter=adapter)
+        self._sync = InProcessClient(model, settings=settings, engine=engine, device=device, dtype=dtype,
+                                     adapter=adapter)
         self.settings = self._sync.settings
         self.model = self._sync.model
 
@@ -678,3 +684,35 @@ def async_client_from_settings(settings: DiffPOSettings) -> AsyncDiffPOClient | 
     if settings.resolved_backend() == "http":
         return AsyncDiffPOClient(settings=settings)
     return AsyncInProcessClient(settings=settings)
+
+
+_shared: dict[tuple, DiffPOClient | InProcessClient] = {}
+_shared_async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, Any]] = weakref.WeakKeyDictionary()
+_shared_lock = threading.Lock()
+
+
+def _settings_key(settings: DiffPOSettings) -> tuple:
+    return tuple(
+        (k, v.get_secret_value() if hasattr(v, "get_secret_value") else tuple(v) if isinstance(v, list) else v)
+        for k, v in settings
+    )
+
+
+def shared_client(settings: DiffPOSettings) -> DiffPOClient | InProcessClient:
+    """One client per distinct settings in this process, so every refiner shares its pool."""
+    key = _settings_key(settings)
+    with _shared_lock:
+        if key not in _shared:
+            _shared[key] = client_from_settings(settings)
+        return _shared[key]
+
+
+def shared_async_client(settings: DiffPOSettings) -> AsyncDiffPOClient | AsyncInProcessClient:
+    """Async twin of :func:`shared_client`; httpx's async pool belongs to one event loop, so one per loop."""
+    loop = asyncio.get_running_loop()
+    key = _settings_key(settings)
+    with _shared_lock:
+        per_loop = _shared_async.setdefault(loop, {})
+        if key not in per_loop:
+            per_loop[key] = async_client_from_settings(settings)
+        return per_loop[key]

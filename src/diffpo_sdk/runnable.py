@@ -12,13 +12,11 @@ memory only for the run. Explicit input (``{"messages": ..., "draft": ...}``) an
 
 from __future__ import annotations
 
-import asyncio
 import threading
-import weakref
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler
@@ -34,15 +32,7 @@ from langchain_core.tracers.context import register_configure_hook
 from pydantic import ConfigDict, PrivateAttr, SecretStr, model_validator
 
 from ._convert import conversation, has_tool_calls, text_of
-from .client import (
-    AsyncDiffPOClient,
-    AsyncInProcessClient,
-    DiffPOClient,
-    InProcessClient,
-    Outcome,
-    async_client_from_settings,
-    client_from_settings,
-)
+from .client import Outcome, shared_async_client, shared_client
 from .errors import InvalidRequestError
 from .protocol import BlockSize, RefineItem, RefineOptions
 from .settings import Backend, DiffPOSettings
@@ -173,39 +163,6 @@ _capture_var: ContextVar[PromptCapture | None] = ContextVar("diffpo_prompt_captu
 register_configure_hook(_capture_var, inheritable=True)
 
 
-# -- clients, shared by all refiner instances ----------------------------------------------
-
-_clients: dict[tuple, DiffPOClient | InProcessClient] = {}
-_async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, Any]] = weakref.WeakKeyDictionary()
-_clients_lock = threading.Lock()
-
-
-def _key(settings: DiffPOSettings) -> tuple:
-    return tuple(
-        (k, v.get_secret_value() if isinstance(v, SecretStr) else tuple(v) if isinstance(v, list) else v)
-        for k, v in settings
-    )
-
-
-def _client(settings: DiffPOSettings) -> DiffPOClient | InProcessClient:
-    key = _key(settings)
-    with _clients_lock:
-        if key not in _clients:
-            _clients[key] = client_from_settings(settings)
-        return _clients[key]
-
-
-def _async_client(settings: DiffPOSettings) -> AsyncDiffPOClient | AsyncInProcessClient:
-    """httpx's async pool belongs to one event loop: one client per (settings, loop)."""
-    loop = asyncio.get_running_loop()
-    key = _key(settings)
-    with _clients_lock:
-        per_loop = _async_clients.setdefault(loop, {})
-        if key not in per_loop:
-            per_loop[key] = async_client_from_settings(settings)
-        return per_loop[key]
-
-
 # -- the runnable --------------------------------------------------------------------------
 
 
@@ -320,7 +277,7 @@ class DiffPORefiner(RunnableSerializable[Any, Any]):
         if not todo:
             return [j.passthrough for j in jobs]
         try:
-            outcomes = _client(self._resolved).refine_or_keep(
+            outcomes = shared_client(self._resolved).refine_or_keep(
                 [j.item for j in todo], fail_open=self._resolved.fail_open,
                 prompt_sources=[j.source for j in todo], **self._options,
             )
@@ -336,7 +293,7 @@ class DiffPORefiner(RunnableSerializable[Any, Any]):
         if not todo:
             return [j.passthrough for j in jobs]
         try:
-            outcomes = await _async_client(self._resolved).refine_or_keep(
+            outcomes = await shared_async_client(self._resolved).refine_or_keep(
                 [j.item for j in todo], fail_open=self._resolved.fail_open,
                 prompt_sources=[j.source for j in todo], **self._options,
             )

@@ -25,7 +25,6 @@ from typing import Any
 
 from ..protocol import RefinedItem, RefineItem, coerce_items
 
-
 # -- a zero-compute engine and a server in a thread (also used by the tests) --------------
 
 
@@ -151,8 +150,8 @@ def run(calls: int = 500, warmup: int = 50, endpoint: str | None = None) -> dict
     import httpx
     from langchain_core.messages import AIMessage
 
-    from ..client import DiffPOClient, InProcessClient
-    from ..runnable import DiffPORefiner, _clients, _key
+    from ..client import DiffPOClient, InProcessClient, _settings_key, _shared
+    from ..runnable import DiffPORefiner
     from ..settings import DiffPOSettings
 
     server = None
@@ -184,7 +183,7 @@ def run(calls: int = 500, warmup: int = 50, endpoint: str | None = None) -> dict
             return float(refiner.invoke(explicit).response_metadata["diffpo"]["server_ms"])
 
         local = DiffPORefiner(settings=DiffPOSettings(backend="in_process"), block_size=32, max_new_tokens=64)
-        _clients[_key(local._resolved)] = InProcessClient(settings=local._resolved, engine=EchoEngine())
+        _shared[_settings_key(local._resolved)] = InProcessClient(settings=local._resolved, engine=EchoEngine())
 
         def runnable_in_process() -> None:
             local.invoke(explicit)
@@ -221,7 +220,8 @@ def table(report: dict[str, Any]) -> str:
         rows.append((name, f"{r['wall']['p50_ms']:.3f}", f"{r['wall']['p95_ms']:.3f}", f"{r['server']['p50_ms']:.3f}",
                      f"{r['overhead']['p50_ms']:.3f}", f"{r['overhead']['p95_ms']:.3f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines) + "\n(times in ms; overhead = wall - server handler time)"
 
