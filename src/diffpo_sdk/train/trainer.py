@@ -38,6 +38,7 @@ class DiffPOConfig(TrainingArguments):
     data: str | None = field(default=None, metadata={"help": "trajectories JSONL from `diffpo data build`"})
     eval_data: str | None = field(default=None, metadata={"help": "held-out trajectories; default: a split of --data by prompt"})
     eval_fraction: float = field(default=0.1, metadata={"help": "share of prompts held out when --eval-data is not given"})
+    max_train_prompts: int | None = field(default=None, metadata={"help": "use only the first N training prompts"})
     max_eval_prompts: int = field(default=64, metadata={"help": "cap on held-out prompts (evaluation cost)"})
     max_response_tokens: int = field(default=256, metadata={"help": "N: answers are cut or padded to N tokens like engine drafts"})
     max_prompt_tokens: int = field(default=512, metadata={"help": "prompts longer than this keep their last tokens"})
@@ -105,13 +106,14 @@ class TrajectoryDataset(Dataset):
             self.items.append(item)
 
     def _answer(self, tokenizer: Any, text: str) -> list[int]:
-        return templating.draft_ids(tokenizer, text)[: self.n - 1] + [self.eot]
+        """Answer tokens + the stop token; ``padded`` then cuts/pads to N like an engine draft."""
+        return templating.draft_ids(tokenizer, text) + [self.eot]
 
     def padded(self, ids: list[int]) -> list[int]:
         return pad_answer(ids, self.n, self.eot)
 
     def answer_mask(self, ids: list[int]) -> list[int]:
-        return answer_mask(len(ids) - 1, self.n)
+        return answer_mask(min(len(ids) - 1, self.n), self.n)
 
     def __len__(self) -> int:
         return len(self.items)

@@ -1,0 +1,123 @@
+"""The DiffPO loss against an independent, unpadded, unchunked reference on a tiny model."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from diffpo_sdk.train.loss import consistency_mask, diffpo_loss, pad_answer  # noqa: E402
+from diffpo_sdk.train.trainer import DiffPOCollator, TrajectoryDataset  # noqa: E402
+
+RECORDS = [
+    {"messages": [{"role": "user", "content": "Name a colour."}], "target": "Blue is a colour.",
+     "others": ["Red.", "I like trains and many other things"]},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is two plus two, exactly?"}],
+     "target": "Four.", "others": ["Two plus two is four, which is the answer."]},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    return model, tok
+
+
+def reference(model, feats, weight: float, mask_mode: str, normalize: str):
+    """Row by row, no padding, full softmax: eq. 4-6 written out directly."""
+    ar_num = ar_den = 0.0
+    kl_rows, kl_counts = [], []
+    for f in feats:
+        p = torch.tensor([f["prompt"]])
+        def logits_of(ans):
+            full = model(input_ids=torch.cat([p, torch.tensor([ans])], 1)).logits[0]
+            return full[len(f["prompt"]) - 1: len(f["prompt"]) - 1 + len(ans)]
+        lt = logits_of(f["target"])
+        tm = torch.tensor(f["target_mask"], dtype=torch.float)
+        nll = torch.nn.functional.cross_entropy(lt, torch.tensor(f["target"]), reduction="none")
+        ar_num = ar_num + (nll * tm).sum()
+        ar_den += float(tm.sum())
+        teacher = (lt if f["teacher_is_target"] else logits_of(f["teacher"])).detach()
+        ls = logits_of(f["student"])
+        tp, sp = teacher.log_softmax(-1), ls.log_softmax(-1)
+        kl = (tp.exp() * (tp - sp)).sum(-1)
+        m = torch.tensor(f["teacher_mask"], dtype=torch.float)
+        if mask_mode != "none":
+            for i in range(len(kl)):
+                if f["student"][:i] == f["teacher"][:i]:
+                    m[i] = 0
+        if mask_mode == "argmax":
+            m = m * (teacher.argmax(-1) != ls.argmax(-1)).float()
+        kl_rows.append((kl * m).sum())
+        kl_counts.append(float(m.sum()))
+    ar = ar_num / ar_den
+    total = sum(kl_rows)
+    con = total / max(sum(kl_counts), 1) if normalize == "token" else total / len(feats)
+    return ar + weight * con, ar, con
+
+
+@pytest.mark.parametrize("mask_mode,normalize", [("prefix", "token"), ("none", "sum"), ("argmax", "token")])
+def test_loss_matches_reference(tiny, mask_mode: str, normalize: str) -> None:
+    model, tok = tiny
+    ds = TrajectoryDataset(RECORDS, tok, n=12, source="answers")
+    feats = [ds.get(i, deterministic=True) for i in range(len(ds))]
+    # one row whose teacher is not the target (a Jacobi-state row): needs its own teacher forward
+    feats.append({**feats[0], "teacher": ds.padded(ds.items[1]["target"]),
+                  "teacher_mask": ds.answer_mask(ds.items[1]["target"]), "teacher_is_target": False})
+    batch = DiffPOCollator(ds.pad)(feats)
+    out = diffpo_loss(model, batch, 3.0, mask=mask_mode, normalize=normalize, chunk=5)
+    ref_loss, ref_ar, ref_con = reference(model, feats, 3.0, mask_mode, normalize)
+    assert float(ref_con.detach()) > 0
+    torch.testing.assert_close(out.ar_loss, ref_ar.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.con_loss, ref_con.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.loss, ref_loss, rtol=1e-4, atol=1e-5)
+
+
+def test_consistency_gradient_flows_only_through_student(tiny) -> None:
+    model, tok = tiny
+    ds = TrajectoryDataset(RECORDS, tok, n=10, source="answers")
+    batch = DiffPOCollator(ds.pad)([ds.get(i, deterministic=True) for i in range(len(ds))])
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return [p.grad.clone() for p in params]
+
+    g_full = grads(diffpo_loss(model, batch, 1.0, mask="none").loss)
+    g_ar = grads(diffpo_loss(model, batch, 0.0, mask="none").loss)
+    # reference: the teacher from a separate no-grad forward, the KL backpropagated into the student only
+    from diffpo_sdk.train.loss import answer_logits, token_kl
+
+    with torch.no_grad():
+        teacher = answer_logits(model, batch["target_ids"], batch["target_attention_mask"], 10)
+    student = answer_logits(model, batch["student_ids"], batch["student_attention_mask"], 10)
+    m = batch["teacher_mask"].float()
+    g_con = grads((token_kl(teacher, student) * m).sum() / m.sum())
+    for full, ar, con in zip(g_full, g_ar, g_con):
+        torch.testing.assert_close(full - ar, con, rtol=1e-3, atol=1e-6)
+    assert any(float(g.abs().sum()) > 0 for g in g_con)
+
+
+def test_answers_padded_like_engine_drafts(tiny) -> None:
+    from diffpo_sdk.engine import RefinerEngine
+
+    model, tok = tiny
+    engine = RefinerEngine(model, tok)
+    ds = TrajectoryDataset(RECORDS, tok, n=8)
+    ids = tok("Blue is a colour.", add_special_tokens=False)["input_ids"]
+    assert ds.padded(ds._answer(tok, "Blue is a colour.")) == engine._initial_guess(ids, 8)
+    long = ids * 5
+    assert ds.padded(ds._answer(tok, tok.decode(long))) == engine._initial_guess(long, 8)
+    assert pad_answer([5, 6], 4, 2) == [5, 6, 2, 2]
+
+
+def test_prefix_mask() -> None:
+    s = torch.tensor([[1, 2, 9, 4]])
+    t = torch.tensor([[1, 2, 3, 4]])
+    m = consistency_mask(s, t, torch.ones(1, 4), "prefix")
+    assert m.tolist() == [[0, 0, 0, 1]]  # only position 3 sees a differing prefix

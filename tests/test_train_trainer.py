@@ -1,0 +1,145 @@
+"""DiffPOTrainer on a tiny model: learning, the collapse guard, resume, and the saved output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from diffpo_sdk.train.trainer import DiffPOCollator, DiffPOConfig, DiffPOTrainer, TrajectoryDataset  # noqa: E402
+
+RECORDS = [
+    {"messages": [{"role": "user", "content": f"Question number {i}: name a colour."}],
+     "target": f"The colour {c} is nice.", "others": [f"{c}? {c}!", "I do not know"]}
+    for i, c in enumerate(["blue", "red", "green", "yellow", "white", "black"])
+]
+
+
+def load(path: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
+
+
+def config(tmp_path: Path, **kw) -> DiffPOConfig:
+    base = dict(output_dir=str(tmp_path / "out"), max_response_tokens=12, max_steps=10, learning_rate=3e-3,
+                per_device_train_batch_size=2, per_device_eval_batch_size=4, eval_strategy="no", save_strategy="no",
+                logging_steps=5, disable_tqdm=True, use_cpu=True, seed=0, guard_prompts=2,
+                trajectory_source="answers", consistency_warmup_ratio=0.0, dataloader_pin_memory=False)
+    base.update(kw)
+    return DiffPOConfig(**base)
+
+
+def test_few_steps_lower_both_losses(tiny_llama_dir: str, tmp_path: Path) -> None:
+    from diffpo_sdk.train.evaluate import heldout_losses
+
+    torch.manual_seed(0)
+    model, tok = load(tiny_llama_dir)
+    ds = TrajectoryDataset(RECORDS[:2], tok, 12)
+    collate = DiffPOCollator(ds.pad)
+    before = heldout_losses(model, ds, collate, mask="none")
+    args = config(tmp_path, consistency_weight=1.0, consistency_mask="none", max_steps=15, learning_rate=1e-2)
+    trainer = DiffPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    trainer.train()
+    after = heldout_losses(model, ds, collate, mask="none")
+    assert after["ar_loss"] < before["ar_loss"] - 1.0
+    assert after["con_loss"] < before["con_loss"]
+    logged = [h for h in trainer.state.log_history if "ar_loss" in h]
+    assert logged and {"ar_loss", "con_loss", "consistency_weight"} <= set(logged[0])
+
+
+def test_collapse_guard_stops_and_restores(tiny_llama_dir: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, tok = load(tiny_llama_dir)
+    ds = TrajectoryDataset(RECORDS, tok, 12)
+    held = TrajectoryDataset(RECORDS[:2], tok, 12)
+    # a deliberately collapsing run: a huge consistency weight and learning rate
+    args = config(tmp_path, consistency_weight=1000.0, learning_rate=0.5, max_steps=30, eval_strategy="steps",
+                  eval_steps=3, guard_ar_tolerance=0.05)
+    trainer = DiffPOTrainer(model=model, args=args, train_dataset=ds, eval_dataset=held, processing_class=tok)
+    with pytest.warns(RuntimeWarning, match="COLLAPSE GUARD"):
+        trainer.train()
+    assert trainer.guard_tripped and trainer.state.global_step < 30
+    healthy = trainer._healthy
+    assert healthy is not None
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), healthy[name])
+    m = trainer.heldout_metrics()
+    assert m["ar_loss"] <= trainer.guard_baseline["ar_loss"] + 0.05
+
+
+def test_resume_continues_from_checkpoint(tiny_llama_dir: str, tmp_path: Path) -> None:
+    def run(out: str, resume: str | None = None, stop_at: int | None = None):
+        from transformers import TrainerCallback
+
+        class Interrupt(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
+                if stop_at is not None and state.global_step >= stop_at:
+                    control.should_training_stop = True
+
+        torch.manual_seed(0)
+        model, tok = load(tiny_llama_dir)
+        # one lower-ranked answer per prompt: the random draw of y^(t) is not part of the checkpoint
+        recs = [{**r, "others": r["others"][:1]} for r in RECORDS]
+        ds = TrajectoryDataset(recs, tok, 12, seed=0)
+        args = config(tmp_path, output_dir=out, max_steps=6, save_strategy="steps", save_steps=2,
+                      consistency_mask="none")
+        trainer = DiffPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[Interrupt()])
+        trainer.train(resume_from_checkpoint=resume)
+        return model, trainer
+
+    full, _ = run(str(tmp_path / "a"))
+    _, t = run(str(tmp_path / "b"), stop_at=3)  # "interrupted" after step 3; last checkpoint at step 2
+    assert t.state.global_step == 3
+    resumed, t2 = run(str(tmp_path / "b"), resume=str(tmp_path / "b" / "checkpoint-2"))
+    assert t2.state.global_step == 6
+    for (n, a), (_, b) in zip(full.named_parameters(), resumed.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def oracle_check(out_dir: str, base_dir: str) -> None:
+    """The saved refiner loads in the engine and refines exactly like its own greedy generate."""
+    from diffpo_sdk.engine import RefinerEngine
+    from diffpo_sdk.engine.templating import prompt_ids
+
+    engine = RefinerEngine.from_pretrained(out_dir, device="cpu", dtype="float32", calibrate=False)
+    msgs = [{"role": "user", "content": "Name a colour."}]
+    for block in (4, 12):
+        res = engine.refine([{"messages": msgs, "draft": "The colour blue is nice."}], block_size=block,
+                            max_new_tokens=12)[0]
+        ids = torch.tensor([prompt_ids(engine.tokenizer, msgs)])
+        gen = engine.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                    do_sample=False, eos_token_id=sorted(engine.stop_ids),
+                                    pad_token_id=engine.pad_id)[0, ids.shape[1]:].tolist()
+        gen = gen[: next((i for i, t in enumerate(gen) if t in engine.stop_ids), len(gen))]
+        assert res.token_ids == gen
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_cli_output_loads_in_engine(tiny_llama_dir: str, tmp_path: Path, lora: bool) -> None:
+    import yaml
+
+    from diffpo_sdk.train.__main__ import main
+
+    data = tmp_path / "traj.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS * 2))
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(yaml.safe_dump({"model": tiny_llama_dir, "data": str(data), "max_response_tokens": 12,
+                                   "max_steps": 2, "learning_rate": 1e-3, "use_cpu": True}))
+    out = tmp_path / "out"
+    argv = ["--config", str(cfg), "--output_dir", str(out), "--eval-fraction", "0.3", "--eval_steps", "1",
+            "--per-device-eval-batch-size", "4", "--disable-tqdm", "true", "--guard-prompts", "2",
+            "--jacobi_states_per_prompt", "1", "--dataloader-pin-memory", "false"]
+    if lora:
+        argv += ["--lora-r", "4"]
+    assert main(argv) == 0
+    assert (out / ("adapter_config.json" if lora else "config.json")).is_file()
+    results = json.loads((out / "eval_results.json").read_text())
+    assert set(results["columns"]) == {"before", "after"}
+    assert "passes_per_token_drafts" in results["columns"]["after"]
+    card = (out / "README.md").read_text()
+    assert "base_model:" in card and "passes/token" in card
+    oracle_check(str(out), tiny_llama_dir)
