@@ -61,7 +61,10 @@ def reference(model, feats, weight: float, mask_mode: str, normalize: str):
 
 
 @pytest.mark.parametrize("mask_mode,normalize", [("prefix", "token"), ("none", "sum"), ("argmax", "token")])
-def test_loss_matches_reference(tiny, mask_mode: str, normalize: str) -> None:
+def test_loss_matches_reference(tiny, mask_mode: str, normalize: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import diffpo_sdk.train.loss as loss_mod
+
+    monkeypatch.setattr(loss_mod, "SMALL", 0)  # force the chunked, checkpointed path
     model, tok = tiny
     ds = TrajectoryDataset(RECORDS, tok, n=12, source="answers")
     feats = [ds.get(i, deterministic=True) for i in range(len(ds))]
@@ -77,7 +80,11 @@ def test_loss_matches_reference(tiny, mask_mode: str, normalize: str) -> None:
     torch.testing.assert_close(out.loss, ref_loss, rtol=1e-4, atol=1e-5)
 
 
-def test_consistency_gradient_flows_only_through_student(tiny) -> None:
+@pytest.mark.parametrize("small", [0, 1 << 25])
+def test_consistency_gradient_flows_only_through_student(tiny, small: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    import diffpo_sdk.train.loss as loss_mod
+
+    monkeypatch.setattr(loss_mod, "SMALL", small)  # chunked + checkpointed, and in one piece
     model, tok = tiny
     ds = TrajectoryDataset(RECORDS, tok, n=10, source="answers")
     batch = DiffPOCollator(ds.pad)([ds.get(i, deterministic=True) for i in range(len(ds))])
@@ -88,7 +95,7 @@ def test_consistency_gradient_flows_only_through_student(tiny) -> None:
         loss.backward()
         return [p.grad.clone() for p in params]
 
-    g_full = grads(diffpo_loss(model, batch, 1.0, mask="none").loss)
+    g_full = grads(diffpo_loss(model, batch, 1.0, mask="none", chunk=3).loss)
     g_ar = grads(diffpo_loss(model, batch, 0.0, mask="none").loss)
     # reference: the teacher from a separate no-grad forward, the KL backpropagated into the student only
     from diffpo_sdk.train.loss import answer_logits, token_kl

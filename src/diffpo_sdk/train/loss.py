@@ -71,8 +71,17 @@ def _nll_chunk(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
 
 
+#: below this many logits (B x N x V) the softmaxes run in one piece: recomputing them costs time
+SMALL = 1 << 25
+
+
 def _chunked(fn: Any, chunk: int, *tensors: torch.Tensor) -> torch.Tensor:
-    """Apply ``fn`` over position chunks (dim 1); checkpointed so V-sized temporaries are freed."""
+    """Apply ``fn`` over position chunks (dim 1); checkpointed so V-sized temporaries are freed.
+
+    Small inputs skip the chunking: the memory is trivial and recomputation would only cost time.
+    """
+    if tensors[0].numel() <= SMALL:
+        return fn(*tensors)
     outs = []
     for i in range(0, tensors[0].shape[1], chunk):
         part = [t[:, i:i + chunk] for t in tensors]

@@ -1,0 +1,107 @@
+"""``diffpo bench train``: one DiffPO training step against a plain SFT step on the same batch.
+
+Both steps are full optimizer steps (forward, backward, AdamW update) on the same model,
+batch and machine, interleaved and repeated; the figure is the ratio of medians. The SFT
+step is transformers' own causal-LM loss on ``[prompt, target]``, nothing of ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="diffpo bench train", description=__doc__)
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--data", default=None, help="trajectories JSONL (default: built from ../shared/data AlpacaEval)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--max-response-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--output", default="bench_train.json")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from ..engine.loading import load_model_and_tokenizer, resolve_device
+    from ..train.data import from_scored, load_trajectories, shared_data_dir
+    from ..train.loss import diffpo_loss
+    from ..train.trainer import DiffPOCollator, TrajectoryDataset
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    if args.data:
+        records = load_trajectories(args.data)[: args.batch_size]
+    else:
+        path = shared_data_dir() / "alpaca_eval" / "multi_model_preferences.jsonl.gz"
+        if not path.is_file():
+            print(f"no --data given and {path} is missing", file=sys.stderr)
+            return 2
+        records = [r for _, r in zip(range(args.batch_size), from_scored(path))]
+    model, tok, _ = load_model_and_tokenizer(args.model, device=device, dtype=torch.float32)
+    model.requires_grad_(True).train()
+    ds = TrajectoryDataset(records, tok, args.max_response_tokens, source="answers")
+    batch = {k: v.to(device) for k, v in DiffPOCollator(ds.pad)([ds.get(i, True) for i in range(len(ds))]).items()}
+    labels = batch["target_ids"].clone()
+    labels[:, : -args.max_response_tokens] = -100
+    labels[:, -args.max_response_tokens:][batch["target_mask"] == 0] = -100
+    labels[batch["target_attention_mask"] == 0] = -100
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-7)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def sft() -> None:
+        loss = model(input_ids=batch["target_ids"], attention_mask=batch["target_attention_mask"], labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def diffpo() -> None:
+        diffpo_loss(model, batch, 1.0).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def jacobi_row() -> None:  # a Jacobi-state row: the teacher is the fixed point, one more no-grad forward
+        b = dict(batch, teacher_is_target=torch.zeros_like(batch["teacher_is_target"]))
+        diffpo_loss(model, b, 1.0).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    steps = {"sft": sft, "diffpo_answers": diffpo, "diffpo_jacobi": jacobi_row}
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for fn in steps.values():  # warm-up (allocator, optimizer state)
+        fn()
+    for _ in range(args.repeats):
+        for name, fn in steps.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result = {
+        "model": args.model, "device": str(device), "threads": torch.get_num_threads(), "batch_size": args.batch_size,
+        "max_response_tokens": args.max_response_tokens, "repeats": args.repeats, "median_s": med,
+        "ratio_answers_vs_sft": med["diffpo_answers"] / med["sft"],
+        "ratio_jacobi_vs_sft": med["diffpo_jacobi"] / med["sft"], "target_ratio": 2.3,
+    }
+    print(f"train step on {device} ({torch.get_num_threads()} threads), batch {args.batch_size}, N={args.max_response_tokens}")
+    for k, v in med.items():
+        print(f"  {k:16s} {v * 1000:8.0f} ms  ({v / med['sft']:.2f}x SFT)")
+    ok = max(result["ratio_answers_vs_sft"], result["ratio_jacobi_vs_sft"]) <= 2.3
+    print(f"  target <= 2.3x SFT: {'met' if ok else 'NOT met'}")
+    Path(args.output).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
