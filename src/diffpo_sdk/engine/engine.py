@@ -1,0 +1,198 @@
+"""``RefinerEngine``: the refiner model plus the Jacobi decoder behind one ``refine`` call."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import ContextLengthError, InvalidRequestError
+from ..protocol import BlockSize, RefinedItem, RefineItem, RefineOptions, coerce_items
+from . import templating
+from .jacobi import Row, jacobi_decode
+from .loading import load_model_and_tokenizer, resolve_device, resolve_dtype
+from .policy import BlockPolicy
+
+
+@dataclass
+class RefineResult:
+    """One refined answer. ``token_ids`` and ``text`` hold the whole answer (any kept draft
+    prefix first), without the stop token; ``iterations`` counts forward passes."""
+
+    text: str
+    token_ids: list[int]
+    iterations: int
+    new_tokens: int
+    converged: bool
+    finish_reason: str
+    timing: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def passes_per_token(self) -> float:
+        return self.iterations / max(self.new_tokens, 1)
+
+    def to_wire(self, with_token_ids: bool = False) -> RefinedItem:
+        return RefinedItem(
+            text=self.text,
+            token_ids=self.token_ids if with_token_ids else None,
+            iterations=self.iterations,
+            new_tokens=self.new_tokens,
+            converged=self.converged,
+            finish_reason="stop" if self.finish_reason == "stop" else "length",
+        )
+
+
+class RefinerEngine:
+    """A loaded refiner. Thread-safe: concurrent ``refine`` calls run one batch at a time."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, name: str | None = None, max_batch_size: int = 32) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.model_name = name or getattr(model.config, "_name_or_path", None) or "refiner"
+        self.max_batch_size = max_batch_size
+        self.device = next(model.parameters()).device
+        self.pad_id = templating.ensure_pad_token(tokenizer)
+        self.stop_ids = templating.stop_token_ids(tokenizer, model.config, getattr(model, "generation_config", None))
+        self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 1 << 20
+        self.policy = BlockPolicy()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        device: str = "auto",
+        dtype: str | torch.dtype = "auto",
+        adapter: str | None = None,
+        gguf_file: str | None = None,
+        max_batch_size: int = 32,
+        calibrate: bool = True,
+    ) -> RefinerEngine:
+        """Load a refiner: hub id, local folder, ``.gguf`` file or ``smollm2-135m-instruct``.
+
+        ``adapter`` puts a PEFT LoRA adapter on top (merged for speed). ``calibrate`` times
+        a few passes so the adaptive block size knows this device from the first request.
+        """
+        dev = resolve_device(device)
+        model, tokenizer, name = load_model_and_tokenizer(
+            name_or_path, device=dev, dtype=resolve_dtype(dtype, dev), adapter=adapter, gguf_file=gguf_file
+        )
+        engine = cls(model, tokenizer, name=name, max_batch_size=max_batch_size)
+        if calibrate:
+            engine.policy.calibrate(engine.model, engine.device)
+        return engine
+
+    # -- input -----------------------------------------------------------------------------
+
+    def encode(self, item: RefineItem, keep_draft_prefix: int = 0) -> tuple[list[int], list[int], list[int]]:
+        """(prompt ids, kept draft prefix ids, remaining draft ids) for one item."""
+        prompt = templating.prompt_ids(self.tokenizer, item.conversation())
+        draft = templating.draft_ids(self.tokenizer, item.draft)
+        return prompt, draft[:keep_draft_prefix], draft[keep_draft_prefix:]
+
+    def check_items(
+        self, items: Sequence[RefineItem | dict[str, Any]], *, max_new_tokens: int = 256, keep_draft_prefix: int = 0
+    ) -> list[RefineItem]:
+        """Validate items cheaply (tokenizing only): roles, turn order, context length."""
+        parsed = self._parse(items)
+        for n, item in enumerate(parsed):
+            prompt, kept, _ = self.encode(item, keep_draft_prefix)
+            self._check_length(n, len(prompt) + len(kept), max_new_tokens)
+        return parsed
+
+    def _parse(self, items: Sequence[RefineItem | dict[str, Any]]) -> list[RefineItem]:
+        try:
+            return coerce_items(list(items))
+        except ValueError as e:  # pydantic.ValidationError is a ValueError
+            raise InvalidRequestError(str(e)) from e
+
+    def _check_length(self, n: int, prompt_len: int, max_new_tokens: int) -> None:
+        if prompt_len + max_new_tokens > self.max_context:
+            raise ContextLengthError(
+                f"item {n}: prompt of {prompt_len} tokens plus max_new_tokens={max_new_tokens} exceeds "
+                f"the refiner's context of {self.max_context} tokens; shorten the conversation or lower max_new_tokens"
+            )
+
+    # -- refinement ------------------------------------------------------------------------
+
+    def refine(
+        self,
+        items: Sequence[RefineItem | dict[str, Any]],
+        *,
+        block_size: BlockSize = "auto",
+        max_new_tokens: int = 256,
+        max_iterations: int | None = None,
+        keep_draft_prefix: int = 0,
+        on_tokens: Callable[[int, list[int]], None] | None = None,
+        is_cancelled: Callable[[int], bool] | None = None,
+    ) -> list[RefineResult]:
+        """Refine each item's draft for its conversation; one result per item, in order.
+
+        Run to convergence (``max_iterations=None``) the answer equals the refiner's greedy
+        decoding of the prompt, whatever the block size, the batch or the draft. Items are
+        decoded together in batches of up to ``max_batch_size`` rows.
+        """
+        try:
+            opts = RefineOptions(
+                block_size=block_size,
+                max_new_tokens=max_new_tokens,
+                max_iterations=max_iterations,
+                keep_draft_prefix=keep_draft_prefix,
+            )
+        except ValueError as e:
+            raise InvalidRequestError(str(e)) from e
+        parsed = self._parse(items)
+        rows, kept = [], []
+        for n, item in enumerate(parsed):
+            prompt, prefix, draft = self.encode(item, opts.keep_draft_prefix)
+            self._check_length(n, len(prompt) + len(prefix), opts.max_new_tokens)
+            rows.append(Row(prompt=prompt + prefix, guess=self._initial_guess(draft, opts.max_new_tokens)))
+            kept.append(prefix)
+
+        block = None if opts.block_size == "auto" else int(opts.block_size)
+        timings: list[float] = [0.0] * len(rows)
+        with self._lock:
+            for start in range(0, len(rows), self.max_batch_size):
+                chunk = list(range(start, min(start + self.max_batch_size, len(rows))))
+                t0 = time.perf_counter()
+                jacobi_decode(
+                    self.model,
+                    [rows[i] for i in chunk],
+                    stop_ids=self.stop_ids,
+                    pad_id=self.pad_id,
+                    max_new_tokens=opts.max_new_tokens,
+                    block_size=block,
+                    max_iterations=opts.max_iterations,
+                    policy=self.policy if block is None else None,
+                    on_tokens=None if on_tokens is None else (lambda j, t, c=chunk: on_tokens(c[j], t)),
+                    is_cancelled=None if is_cancelled is None else (lambda j, c=chunk: is_cancelled(c[j])),
+                )
+                elapsed = time.perf_counter() - t0
+                for i in chunk:
+                    timings[i] = elapsed
+        return [self._result(r, p, t) for r, p, t in zip(rows, kept, timings)]
+
+    def _initial_guess(self, draft: list[int], n: int) -> list[int]:
+        """The draft cut or padded to N positions; the stop token right after it lets a
+        refiner that agrees with the draft verify the end in the same pass."""
+        eot = min(self.stop_ids) if self.pad_id not in self.stop_ids else self.pad_id
+        guess = draft[:n] + [eot] * max(0, n - len(draft))
+        return guess
+
+    def _result(self, row: Row, prefix: list[int], seconds: float) -> RefineResult:
+        answer = row.answer[:-1] if row.answer and row.answer[-1] in self.stop_ids else row.answer
+        ids = prefix + answer
+        return RefineResult(
+            text=self.tokenizer.decode(ids, skip_special_tokens=True),
+            token_ids=ids,
+            iterations=row.iterations,
+            new_tokens=len(row.answer),
+            converged=row.converged,
+            finish_reason=row.finish_reason or "length",
+            timing={"batch_s": seconds},
+        )

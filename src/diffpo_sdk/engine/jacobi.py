@@ -1,0 +1,212 @@
+"""Batched, KV-cached Jacobi decoding that starts from drafts.
+
+One forward pass feeds, for every row, the tokens it has committed but not yet cached
+followed by guesses for the next answer positions. The logit at each fed position gives
+argmax p(. | prompt, answer_<i) for the next position at once (Jacobi). Guesses that equal
+their prediction are verified; the first prediction after them is verified too. So each
+pass commits between 1 and ``block`` tokens per row, and the committed answer equals
+greedy autoregressive decoding token for token (the fixed point).
+
+Cache layout: row r occupies slots ``[o_r pads][prompt][answer...]``, left-padded so that
+every row has the same number of cached slots S. After a pass the cache keeps the first
+``k = min_r(valid_r)`` fed slots of every row and drops the rest (a plain crop, which also
+works for sliding-window layers), so nothing accepted is ever recomputed except the few
+verified-but-uncached tokens of rows that ran ahead of the slowest row.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .policy import BlockPolicy
+
+
+@dataclass
+class Row:
+    """One item being decoded. ``guess[i]`` is the current guess for answer position i."""
+
+    prompt: list[int]
+    guess: list[int]
+    answer: list[int] = field(default_factory=list)
+    iterations: int = 0
+    converged: bool = True
+    finish_reason: str | None = None
+    # passes spent in the current capped block, and which block that is
+    block_index: int = 0
+    block_passes: int = 0
+    # running estimate of P(guess is right | prefix is right), for the adaptive policy
+    hits: float = 1.0
+    trials: float = 2.0
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def acceptance(self) -> float:
+        return self.hits / self.trials
+
+    def observe(self, hits: int, trials: int, decay: float = 0.85) -> None:
+        """Recent passes weigh more: a refiner can stop and start copying its draft."""
+        if trials:
+            self.hits = self.hits * decay**trials + hits
+            self.trials = self.trials * decay**trials + trials
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` in 5.x."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _new_cache(model: torch.nn.Module):
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    # Sliding-window layers must keep their past until we crop rejected guesses away.
+    cache.activate_past_recording()
+    return cache
+
+
+@torch.inference_mode()
+def jacobi_decode(
+    model: torch.nn.Module,
+    rows: Sequence[Row],
+    *,
+    stop_ids: set[int],
+    pad_id: int,
+    max_new_tokens: int,
+    block_size: int | None,
+    max_iterations: int | None = None,
+    policy: BlockPolicy | None = None,
+    on_tokens: Callable[[int, list[int]], None] | None = None,
+    is_cancelled: Callable[[int], bool] | None = None,
+) -> None:
+    """Decode ``rows`` in place until each stops, hits ``max_new_tokens`` or is cancelled.
+
+    ``block_size`` None means adaptive: ``policy`` picks the width of every pass.
+    ``max_iterations`` caps the passes spent on each block of ``block_size`` positions
+    (32 in adaptive mode); a capped block keeps its current guess, unverified.
+    """
+    if not rows:
+        return
+    device = next(model.parameters()).device
+    N = max_new_tokens
+    cap_block = block_size or 32
+    cache_kw = _cache_kwarg(model)
+    cache = _new_cache(model)
+
+    # Batch bookkeeping: `live[j]` is the index into `rows` of batch row j.
+    live = list(range(len(rows)))
+    p_max = max(len(r.prompt) for r in rows)
+    offsets = torch.tensor([p_max - len(r.prompt) for r in rows], device=device)
+    # Slot-space view of each row: committed tokens (pads + prompt + answer) and how many are cached.
+    committed: list[list[int]] = [[pad_id] * (p_max - len(r.prompt)) + list(r.prompt) for r in rows]
+    S = 0  # cached slots, the same for every live row
+
+    while live:
+        batch = [rows[i] for i in live]
+        uncached = [len(committed[i]) - S for i in live]
+        u_max = max(uncached)
+        room = max(N - len(r.answer) for r in batch)
+        if block_size is not None:
+            block = min(block_size, room)
+        else:
+            assert policy is not None
+            block = policy.choose(batch, uncached, room)
+        W = u_max + block - 1
+
+        fed_rows = []
+        for j, i in enumerate(live):
+            c, u = len(rows[i].answer), uncached[j]
+            g = rows[i].guess[c : c + W - u]
+            fed_rows.append(committed[i][S:] + g + [pad_id] * (W - u - len(g)))
+        fed = torch.tensor(fed_rows, dtype=torch.long).to(device, non_blocking=True)
+
+        slots = torch.arange(S + W, device=device)
+        attention_mask = (slots[None, :] >= offsets[:, None]).long()
+        position_ids = (slots[None, S:] - offsets[:, None]).clamp_min(0)
+        keep = W - min(uncached) + 1  # logits from the last committed token of the row with most
+        t0 = time.perf_counter()
+        out = model(
+            input_ids=fed,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=keep,
+            **{cache_kw: cache},
+        )
+        preds = out.logits.argmax(dim=-1).tolist()  # the one host sync per pass
+        if policy is not None:
+            policy.record(len(live), W, time.perf_counter() - t0, first=S == 0)
+        del out
+
+        valid = []
+        for j, i in enumerate(live):
+            r, u = rows[i], uncached[j]
+            c = len(r.answer)
+            base = W - keep  # logits index of fed position 0
+            pred = preds[j][u - 1 - base :]  # pred[t] is the prediction for answer position c + t
+            n_guess = W - u
+            # Compare guesses with predictions up to the first miss. The guess just past the
+            # fed ones is compared too: it is not verified, but it tells the policy whether
+            # a wider block would have paid off (this is all it learns at block size 1).
+            hits, limit = 0, min(n_guess + 1, N - c)
+            while hits < limit and r.guess[c + hits] == pred[hits]:
+                hits += 1
+            r.observe(hits, min(hits + 1, limit))
+            m = min(hits, n_guess)  # guesses verified in this pass
+            r.iterations += 1
+            if c // cap_block != r.block_index:
+                r.block_index, r.block_passes = c // cap_block, 0
+            r.block_passes += 1
+            # Jacobi update of every guessed position, then commit the verified prefix.
+            for t in range(min(len(pred), N - c)):
+                r.guess[c + t] = pred[t]
+            new = _commit(r, pred[: m + 1], stop_ids, N)
+            if not r.done and max_iterations is not None and r.block_passes >= max_iterations:
+                end = min((len(r.answer) // cap_block + 1) * cap_block, N)
+                if len(r.answer) % cap_block:  # the block is not finished: keep its guess as is
+                    r.converged = False
+                    new += _commit(r, r.guess[len(r.answer) : end], stop_ids, N)
+            committed[i].extend(new)
+            if new and on_tokens is not None:
+                on_tokens(i, new)
+            if not r.done and is_cancelled is not None and is_cancelled(i):
+                r.finish_reason = "cancelled"
+            if not r.done:
+                valid.append(u + m)
+
+        if not valid:
+            break
+        k = min(valid)  # fed slots that hold right tokens in every row still decoding
+        cache.crop(-(W - k))
+        S += k
+
+        keep_rows = [j for j, i in enumerate(live) if not rows[i].done]
+        if len(keep_rows) < len(live):
+            if keep_rows:
+                idx = torch.tensor(keep_rows, device=device)
+                cache.batch_select_indices(idx)
+                offsets = offsets[idx]
+            live = [live[j] for j in keep_rows]
+
+
+def _commit(row: Row, tokens: list[int], stop_ids: set[int], limit: int) -> list[int]:
+    """Append verified tokens, stopping at a stop token or the length limit."""
+    out = []
+    for t in tokens:
+        row.answer.append(t)
+        out.append(t)
+        if t in stop_ids:
+            row.finish_reason = "stop"
+            break
+        if len(row.answer) >= limit:
+            row.finish_reason = "length"
+            break
+    return out

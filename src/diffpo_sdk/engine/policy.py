@@ -1,0 +1,106 @@
+"""The adaptive block size: decide as many tokens per second as the draft allows.
+
+A wider pass only pays when enough guesses are right. Two things are measured as decoding
+goes, so the choice fits the draft *and* the device it runs on:
+
+- per row, p = P(the guess for the next position is right | the prefix is right), a
+  recency-weighted rate; a pass of width B then decides E(B) = 1 + p + ... + p^(B-1) tokens;
+- per engine, the seconds a pass costs as a function of the tokens it feeds, fitted online
+  as t = a + b * tokens (on a CPU a 16-token pass costs ~2x a 1-token one; on a GPU
+  nearly the same).
+
+Each pass takes the width with the most expected tokens per second. When drafts are poor
+(p ~ 0.07) that is width 1, plain autoregressive decoding, so refinement never costs
+meaningfully more than generating; when the draft is already the refiner's own answer
+(p ~ 1) it is the widest block.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+WIDTHS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class BlockPolicy:
+    """Chooses the width of every pass from measured acceptance and measured pass cost."""
+
+    def __init__(self, max_block: int = 256, decay: float = 0.98) -> None:
+        self.max_block = max_block
+        self.decay = decay
+        # decayed sums for the least-squares fit of seconds = a + b * tokens
+        self._n = self._sx = self._sy = self._sxx = self._sxy = 0.0
+        self._lock = threading.Lock()
+
+    def record(self, rows: int, width: int, seconds: float, first: bool = False) -> None:
+        """Add one measured pass. The first pass of a batch also prefills: not representative."""
+        if first:
+            return
+        x = float(rows * width)
+        with self._lock:
+            d = self.decay
+            self._n = self._n * d + 1
+            self._sx = self._sx * d + x
+            self._sy = self._sy * d + seconds
+            self._sxx = self._sxx * d + x * x
+            self._sxy = self._sxy * d + x * seconds
+
+    def cost(self, tokens: float) -> float:
+        """Predicted seconds for a pass feeding ``tokens`` tokens (relative scale is what matters)."""
+        with self._lock:
+            n, sx, sy, sxx, sxy = self._n, self._sx, self._sy, self._sxx, self._sxy
+        if n < 1e-9:
+            return 1.0 + tokens / 16.0  # prior: a CPU-like device until measured
+        mean_x, mean_y = sx / n, sy / n
+        var = sxx / n - mean_x**2
+        if var <= 1e-6 * max(mean_x, 1.0) ** 2:
+            # one width seen so far: assume the CPU-like slope relative to it
+            a = mean_y / (1.0 + mean_x / 16.0)
+            return a * (1.0 + tokens / 16.0)
+        b = max((sxy / n - mean_x * mean_y) / var, 0.0)
+        a = max(mean_y - b * mean_x, 1e-6)
+        return a + b * tokens
+
+    def choose(self, rows: Sequence[Any], uncached: Sequence[int], room: int) -> int:
+        """Width B (answer positions decided per pass) for the next pass of these rows."""
+        u_max = max(uncached)
+        best, best_rate = 1, -1.0
+        for block in WIDTHS:
+            if block > min(room, self.max_block):
+                break
+            width = u_max + block - 1
+            tokens = sum(_expected(r.acceptance, width - u + 1) for r, u in zip(rows, uncached))
+            rate = tokens / self.cost(len(rows) * width)
+            if rate > best_rate * 1.02:  # a wider pass must clearly pay
+                best, best_rate = block, rate
+        return best
+
+    def calibrate(self, model: Any, device: Any, widths: Sequence[int] = (1, 1, 16, 16, 64)) -> None:
+        """Time a few passes on a short dummy context so the first real choice is informed."""
+        import time
+
+        import torch
+
+        from .jacobi import _cache_kwarg, _new_cache
+
+        kw = _cache_kwarg(model)
+        with torch.inference_mode():
+            for w in widths:
+                cache = _new_cache(model)
+                model(input_ids=torch.zeros((1, 32), dtype=torch.long, device=device), use_cache=True, **{kw: cache})
+                ids = torch.zeros((1, w), dtype=torch.long, device=device)
+                t0 = time.perf_counter()
+                out = model(input_ids=ids, use_cache=True, logits_to_keep=w, **{kw: cache})
+                out.logits.argmax(-1).tolist()
+                self.record(1, w, time.perf_counter() - t0)
+
+
+def _expected(p: float, block: int) -> float:
+    """E[tokens decided by a pass of `block` positions] when each guess is right with prob p."""
+    if block <= 1:
+        return 1.0
+    if p >= 0.999:
+        return float(block)
+    return (1.0 - p**block) / (1.0 - p)

@@ -1,0 +1,151 @@
+"""Exactness: refined answers equal the refiner's own greedy ``generate``, token for token,
+for every block size, batch size, prompt mix and draft length, on a real model and on tiny
+random models of the published DiffPO checkpoints' architectures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffpo_sdk.engine import RefinerEngine
+
+from engine_oracle import greedy_reference
+
+N = 40  # answer budget for the real-model sweep; block sizes below include N itself
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_path: str) -> RefinerEngine:
+    torch.manual_seed(0)
+    return RefinerEngine.from_pretrained(smollm2_path, device="cpu", dtype="float32", calibrate=False)
+
+
+@pytest.fixture(scope="module")
+def real_items(alpaca_rows: list[dict]) -> list[dict]:
+    """20 real prompts, each with a real draft from a different model than its neighbour,
+    in a mix of prompt lengths, plus multi-turn, empty and very long drafts."""
+    items = []
+    for n, row in enumerate(alpaca_rows[:17]):
+        answer = row["responses"][n % len(row["responses"])]["output"]
+        items.append({"prompt": row["instruction"], "draft": answer})
+    items.append({"prompt": alpaca_rows[20]["instruction"], "draft": ""})
+    items.append({"prompt": alpaca_rows[21]["instruction"], "draft": alpaca_rows[21]["responses"][0]["output"] * 4})
+    items.append(
+        {
+            "messages": [
+                {"role": "system", "content": "You answer in one short paragraph."},
+                {"role": "user", "content": alpaca_rows[22]["instruction"]},
+                {"role": "assistant", "content": alpaca_rows[22]["responses"][1]["output"][:300]},
+                {"role": "user", "content": "Now say it more briefly."},
+            ],
+            "draft": "In short:",
+        }
+    )
+    return items
+
+
+@pytest.fixture(scope="module")
+def references(smol: RefinerEngine, real_items: list[dict]) -> list[list[int]]:
+    return [greedy_reference(smol, item, N) for item in real_items]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block_size", [1, 7, 32, N])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_real_model_equals_greedy(smol, real_items, references, block_size, batch):
+    results = []
+    for start in range(0, len(real_items), batch):
+        results += smol.refine(real_items[start : start + batch], block_size=block_size, max_new_tokens=N)
+    for n, (res, ref) in enumerate(zip(results, references)):
+        assert res.token_ids == ref, f"item {n}, block {block_size}, batch {batch}"
+        assert res.converged
+        assert res.text == smol.tokenizer.decode(ref, skip_special_tokens=True)
+        assert 1 <= res.iterations <= res.new_tokens
+
+
+@pytest.mark.slow
+def test_adaptive_mode_equals_greedy_in_one_mixed_batch(smol, real_items, references):
+    results = smol.refine(real_items, max_new_tokens=N)  # block_size="auto", all 20 in one batch
+    assert [r.token_ids for r in results] == references
+
+
+@pytest.mark.slow
+def test_fixed_point_draft_takes_one_pass_at_full_width(smol, real_items, references):
+    """A draft that already is the refiner's answer is verified in a single forward pass."""
+    item = {"prompt": real_items[0]["prompt"], "draft": smol.tokenizer.decode(references[0])}
+    (res,) = smol.refine([item], block_size=N, max_new_tokens=N)
+    assert res.token_ids == references[0]
+    assert res.iterations == 1
+
+
+@pytest.mark.slow
+def test_kept_draft_prefix_is_fixed_and_rest_is_greedy(smol, real_items):
+    item = real_items[3]
+    ref = greedy_reference(smol, item, N, keep_draft_prefix=5)
+    (res,) = smol.refine([item], block_size=8, max_new_tokens=N, keep_draft_prefix=5)
+    assert res.token_ids == ref
+    assert res.new_tokens <= N
+
+
+@pytest.mark.slow
+def test_iteration_cap_marks_unconverged_and_streaming_sees_every_token(smol, real_items):
+    streamed: dict[int, list[int]] = {}
+    results = smol.refine(
+        real_items[:2], block_size=16, max_new_tokens=N, max_iterations=1,
+        on_tokens=lambda i, toks: streamed.setdefault(i, []).extend(toks),
+    )
+    for i, res in enumerate(results):
+        assert res.iterations <= -(-N // 16) + 1  # one pass per block, plus at most the stop
+        stop_trimmed = [t for t in streamed[i] if t not in smol.stop_ids]
+        assert stop_trimmed == res.token_ids
+    assert not all(r.converged for r in results)  # real drafts from other models are not fixed points
+
+
+# -- tiny random models of the published checkpoints' architectures ---------------------------
+
+
+def _tiny(arch: str, tokenizer_dir: str, tmp_path) -> RefinerEngine:
+    from transformers import AutoTokenizer, Gemma2Config, LlamaConfig, Qwen2Config
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    common = dict(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        initializer_range=0.3,
+    )
+    if arch == "gemma2":  # DiffPO-2B/9B: alternating sliding-window layers, logit soft-capping
+        cfg = Gemma2Config(**common, head_dim=16, sliding_window=12, query_pre_attn_scalar=16,
+                           attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+    elif arch == "llama3":  # DiffPO-8B: Llama-3 rope scaling, GQA, untied head
+        cfg = LlamaConfig(**common, rope_theta=500000.0, tie_word_embeddings=False,
+                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 256})
+    else:
+        cfg = Qwen2Config(**common)
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(cfg)
+    out = tmp_path / arch
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return RefinerEngine.from_pretrained(str(out), device="cpu", dtype="float32", calibrate=False)
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "llama3", "qwen2"])
+def test_tiny_architectures_equal_greedy(arch, smollm2_path, tmp_path, alpaca_rows):
+    engine = _tiny(arch, smollm2_path, tmp_path)
+    n = 48  # with ~40 prompt tokens this runs well past Gemma-2's 12-token sliding window
+    items = [
+        {"prompt": alpaca_rows[0]["instruction"], "draft": alpaca_rows[0]["responses"][2]["output"]},
+        {"prompt": "Hi", "draft": ""},
+        {"messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
+                      {"role": "user", "content": alpaca_rows[1]["instruction"]}],
+         "draft": alpaca_rows[1]["responses"][0]["output"][:80]},
+    ]
+    refs = [greedy_reference(engine, it, n) for it in items]
+    assert len(set(map(tuple, refs))) == 3  # the random model does not collapse to one output
+    for block in (1, 5, 16, n, "auto"):
+        got = [r.token_ids for r in engine.refine(items, block_size=block, max_new_tokens=n)]
+        assert got == refs, f"{arch}: block {block}"
