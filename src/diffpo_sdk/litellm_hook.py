@@ -1,0 +1,61 @@
+"""A LiteLLM proxy hook that refines every chat answer the proxy returns.
+
+Non-streaming answers go through ``async_post_call_success_hook``; streams through
+``async_post_call_streaming_iterator_hook`` (the proxy does not call the success hook
+for streams), which collects the stream, refines and re-emits it. Settings come from
+``DIFFPO_*`` environment variables (the proxy config's ``environment_variables:``
+section can set them). This module imports LiteLLM; ``diffpo_sdk.litellm`` does not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from litellm.integrations.custom_logger import CustomLogger
+from opentelemetry import trace
+
+from .litellm import arefine_response, arefine_stream
+from .settings import DiffPOSettings
+
+__all__ = ["DiffPOProxyHook"]
+
+
+def _parent(data: dict[str, Any] | None) -> Any:
+    """The proxy's request span, so the refinement span nests under it."""
+    for key in ("metadata", "litellm_metadata"):
+        span = ((data or {}).get(key) or {}).get("litellm_parent_otel_span")
+        if span is not None and hasattr(span, "get_span_context"):
+            return span
+    return trace.get_current_span()
+
+
+class DiffPOProxyHook(CustomLogger):
+    """``litellm_settings: {callbacks: diffpo_hook.proxy_handler_instance}`` in the proxy config."""
+
+    def __init__(self, settings: DiffPOSettings | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.settings = settings or DiffPOSettings()
+
+    async def async_post_call_success_hook(self, data: dict, user_api_key_dict: Any, response: Any) -> Any:
+        if getattr(response, "choices", None) is None or data.get("diffpo_refine") is False:
+            return response  # embeddings, images, ... or opted out per request
+        with trace.use_span(_parent(data), end_on_exit=False):
+            return await arefine_response(response, data.get("messages"), settings=self.settings, request=data)
+
+    async def async_post_call_streaming_iterator_hook(
+        self, user_api_key_dict: Any, response: Any, request_data: dict
+    ) -> AsyncGenerator[Any, None]:
+        if request_data.get("diffpo_refine") is False or not request_data.get("messages"):
+            async for chunk in response:
+                yield chunk
+            return
+        refined = arefine_stream(response, request_data.get("messages"), settings=self.settings, request=request_data)
+        parent = _parent(request_data)
+        while True:
+            with trace.use_span(parent, end_on_exit=False):
+                try:
+                    chunk = await refined.__anext__()
+                except StopAsyncIteration:
+                    return
+            yield chunk
