@@ -28,6 +28,10 @@ _LAZY = {
     "completion": "diffpo_sdk.litellm",
     "acompletion": "diffpo_sdk.litellm",
     "DiffPOSettings": "diffpo_sdk.settings",
+    "InProcessClient": "diffpo_sdk.client",
+    "AsyncInProcessClient": "diffpo_sdk.client",
+    "ChatDiffPO": "diffpo_sdk.chat_model",
+    "DiffPOMiddleware": "diffpo_sdk.agents",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
