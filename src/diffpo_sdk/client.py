@@ -698,19 +698,25 @@ def _settings_key(settings: DiffPOSettings) -> tuple:
     )
 
 
-def shared_client(settings: DiffPOSettings) -> DiffPOClient | InProcessClient:
-    """One client per distinct settings in this process, so every refiner shares its pool."""
-    key = _settings_key(settings)
+def shared_client(settings: DiffPOSettings, key: tuple | None = None) -> DiffPOClient | InProcessClient:
+    """One client per distinct settings in this process, so every refiner shares its pool.
+
+    ``key`` is ``_settings_key(settings)`` when the caller already holds it (a hot path).
+    """
+    key = key or _settings_key(settings)
+    client = _shared.get(key)
+    if client is not None:
+        return client
     with _shared_lock:
         if key not in _shared:
             _shared[key] = client_from_settings(settings)
         return _shared[key]
 
 
-def shared_async_client(settings: DiffPOSettings) -> AsyncDiffPOClient | AsyncInProcessClient:
+def shared_async_client(settings: DiffPOSettings, key: tuple | None = None) -> AsyncDiffPOClient | AsyncInProcessClient:
     """Async twin of :func:`shared_client`; httpx's async pool belongs to one event loop, so one per loop."""
     loop = asyncio.get_running_loop()
-    key = _settings_key(settings)
+    key = key or _settings_key(settings)
     with _shared_lock:
         per_loop = _shared_async.setdefault(loop, {})
         if key not in per_loop:

@@ -32,7 +32,7 @@ from langchain_core.tracers.context import register_configure_hook
 from pydantic import ConfigDict, PrivateAttr, SecretStr, model_validator
 
 from ._convert import conversation, has_tool_calls, text_of
-from .client import Outcome, shared_async_client, shared_client
+from .client import Outcome, _settings_key, shared_async_client, shared_client
 from .errors import InvalidRequestError
 from .protocol import BlockSize, RefineItem, RefineOptions
 from .settings import Backend, DiffPOSettings
@@ -208,6 +208,7 @@ class DiffPORefiner(RunnableSerializable[Any, Any]):
 
     _resolved: DiffPOSettings = PrivateAttr()
     _options: dict[str, Any] = PrivateAttr()
+    _client_key: tuple = PrivateAttr()
 
     @model_validator(mode="after")
     def _resolve(self) -> DiffPORefiner:
@@ -225,6 +226,7 @@ class DiffPORefiner(RunnableSerializable[Any, Any]):
         except ValueError as e:
             raise InvalidRequestError(str(e)) from e
         self._options = opts.model_dump()
+        self._client_key = _settings_key(s)
         return self
 
     @classmethod
@@ -277,7 +279,7 @@ class DiffPORefiner(RunnableSerializable[Any, Any]):
         if not todo:
             return [j.passthrough for j in jobs]
         try:
-            outcomes = shared_client(self._resolved).refine_or_keep(
+            outcomes = shared_client(self._resolved, self._client_key).refine_or_keep(
                 [j.item for j in todo], fail_open=self._resolved.fail_open,
                 prompt_sources=[j.source for j in todo], **self._options,
             )
@@ -293,7 +295,7 @@ class DiffPORefiner(RunnableSerializable[Any, Any]):
         if not todo:
             return [j.passthrough for j in jobs]
         try:
-            outcomes = await shared_async_client(self._resolved).refine_or_keep(
+            outcomes = await shared_async_client(self._resolved, self._client_key).refine_or_keep(
                 [j.item for j in todo], fail_open=self._resolved.fail_open,
                 prompt_sources=[j.source for j in todo], **self._options,
             )
