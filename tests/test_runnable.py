@@ -104,6 +104,8 @@ def test_explicit_inputs(echo):
     state = {"messages": [HumanMessage("q4"), AIMessage(content="d", id="a1")]}
     update = r.invoke(state)
     assert [m.content for m in update["messages"]] == ["R[|q4]<d>"] and update["messages"][0].id == "a1"
+    openai_state = {"messages": [{"role": "user", "content": "q6"}, {"role": "assistant", "content": "d"}]}
+    assert r.invoke(openai_state)["messages"][0].content == "R[|q6]<d>"
     listed = r.invoke([HumanMessage("q5"), AIMessage(content="d")])
     assert listed[0].content == "q5" and listed[-1].content == "R[|q5]<d>"
     with pytest.raises(InvalidRequestError, match="cannot refine"):

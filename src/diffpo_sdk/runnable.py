@@ -31,7 +31,7 @@ from langchain_core.runnables import (
 from langchain_core.tracers.context import register_configure_hook
 from pydantic import ConfigDict, PrivateAttr, SecretStr, model_validator
 
-from ._convert import conversation, has_tool_calls, text_of
+from ._convert import conversation, has_tool_calls, text_of, to_messages
 from .client import Outcome, _settings_key, shared_async_client, shared_client
 from .errors import InvalidRequestError
 from .protocol import BlockSize, RefineItem, RefineOptions
@@ -321,7 +321,7 @@ class DiffPORefiner(RunnableSerializable[Any, Any]):
             prompt = value.get("messages", value.get("prompt"))
             return self._draft_job(value["draft"], prompt, parent_run_id, explicit=prompt is not None)
         if isinstance(value, dict) and isinstance(value.get("messages"), Sequence) and value["messages"]:
-            *history, last = list(value["messages"])
+            *history, last = to_messages(value["messages"]) or [None]
             job = self._draft_job(last, history, parent_run_id, explicit=True)
             if job.item is None:
                 return _Job(None, "none", _unused, passthrough={"messages": []})
