@@ -190,3 +190,16 @@ def test_traceparent_reaches_the_server(echo_servers):
             client.refine([ITEM])
             trace_id = format(span.get_span_context().trace_id, "032x")
     assert re.fullmatch(rf"00-{trace_id}-[0-9a-f]{{16}}-[0-9a-f]{{2}}", seen[-1])
+
+
+def test_bench_client_smoke(tmp_path, capsys):
+    import json
+
+    from diffpo_sdk.bench.client import main
+
+    out = tmp_path / "client.json"
+    assert main(["--calls", "5", "--warmup", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["layers"]) >= {"httpx POST (transport floor)", "DiffPORefiner.invoke over HTTP"}
+    assert all(layer["wall"]["p50_ms"] > 0 for layer in report["layers"].values())
+    assert "client CPU p50" in capsys.readouterr().out
