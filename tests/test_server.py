@@ -422,3 +422,20 @@ def test_cli_serves_a_model_end_to_end(tiny_llama_dir, tmp_path):
         proc.wait(timeout=20)
     text = log.read_text()
     assert "Secret" not in text and "ready" in text
+
+
+async def test_chunked_oversized_body_gets_413(tiny_engine, start_server):
+    """No Content-Length to check up front: the guard counts bytes as they stream in."""
+    url, _ = start_server(tiny_engine, max_body_bytes=10_000)
+
+    async def body_chunks():
+        yield b'{"items": [{"prompt": "'
+        for _ in range(100):
+            yield b"x" * 1000
+
+    async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+        r = await c.post("/v1/refine", content=body_chunks(), headers={"content-type": "application/json"})
+        assert "content-length" not in r.request.headers
+        assert r.status_code == 413 and r.json()["error"]["type"] == "too_large"
+        ok = await c.post("/v1/refine", json={"items": [{"prompt": "Hi", "draft": "x"}], "max_new_tokens": 4})
+        assert ok.status_code == 200

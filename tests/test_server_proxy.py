@@ -202,3 +202,35 @@ def test_upstream_and_request_errors(proxy, tiny_engine, start_server):
     assert r.status_code == 400 and "--upstream-model" in r.json()["error"]["message"]
     metrics = httpx.get(f"{url}/metrics").text
     assert metric_value(metrics, "diffpo_errors_total", 'kind="upstream"') == 2
+
+
+def test_a_stream_closed_by_the_client_stops_the_refinement(proxy, tiny_engine):
+    import threading
+
+    class Slow(WrappedEngine):
+        """Emits a token per 50 ms until cancelled (or 20 s)."""
+
+        def __init__(self, engine):
+            super().__init__(engine)
+            self.cancelled = threading.Event()
+
+        def refine(self, items, on_tokens=None, is_cancelled=None, **kw):
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                if is_cancelled(0):
+                    self.cancelled.set()
+                    break
+                on_tokens(0, [28])
+                time.sleep(0.05)
+            return self.engine.refine(items, max_new_tokens=2, block_size=1)
+
+    engine = Slow(tiny_engine)
+    url = proxy(engine)
+    with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=30, json={"messages": MESSAGES, "stream": True}) as r:
+        got = 0
+        for line in r.iter_lines():
+            if line.startswith("data: ") and '"content"' in line:
+                got += 1
+                if got == 3:
+                    break  # hang up mid-answer
+    assert engine.cancelled.wait(10)

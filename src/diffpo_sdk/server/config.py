@@ -22,7 +22,7 @@ class ServerConfig:
     #: Most items one engine batch holds (a single larger request still runs, alone).
     max_batch_items: int = 16
     #: How long the first request of a batch may wait for others to join.
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 10.0
     #: Requests waiting for the engine beyond which new ones get 429 at once.
     max_queue: int = 256
     #: Seconds a request may take (queue + engine) before it is dropped with 503.
