@@ -50,6 +50,7 @@ def references(smol: RefinerEngine, real_items: list[dict]) -> list[list[int]]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("block_size", [1, 7, 32, N])
 @pytest.mark.parametrize("batch", [1, 4])
 def test_real_model_equals_greedy(smol, real_items, references, block_size, batch):

