@@ -35,7 +35,9 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .client import AsyncDiffPOClient, DiffPOClient
+    from .agents import DiffPOMiddleware
+    from .chat_model import ChatDiffPO
+    from .client import AsyncDiffPOClient, AsyncInProcessClient, DiffPOClient, InProcessClient
     from .litellm import acompletion, completion
     from .runnable import DiffPORefiner
     from .settings import DiffPOSettings
@@ -49,6 +51,10 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AsyncDiffPOClient",
+    "AsyncInProcessClient",
+    "ChatDiffPO",
+    "DiffPOMiddleware",
+    "InProcessClient",
     "ContextLengthError",
     "DiffPOClient",
     "DiffPOError",
