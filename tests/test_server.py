@@ -439,3 +439,22 @@ async def test_chunked_oversized_body_gets_413(tiny_engine, start_server):
         assert r.status_code == 413 and r.json()["error"]["type"] == "too_large"
         ok = await c.post("/v1/refine", json={"items": [{"prompt": "Hi", "draft": "x"}], "max_new_tokens": 4})
         assert ok.status_code == 200
+
+
+def test_bench_serve_smoke(tiny_engine, start_server, tmp_path):
+    """``diffpo bench serve --endpoint``: the levels, the soak and the JSON it writes (tiny model, seconds)."""
+    import json
+
+    from diffpo_sdk.bench.serve import main
+
+    url, _ = start_server(tiny_engine, max_batch_items=8)
+    out = tmp_path / "serve.json"
+    rc = main(["--endpoint", url, "--concurrency", "1,4", "--requests", "4", "--rounds", "1", "--soak-clients", "6",
+               "--soak-seconds", "1", "--max-new-tokens", "6", "--block-size", "2", "--items", "8", "--out", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert [lv["clients"] for lv in result["levels"]] == [1, 4]
+    assert all(lv["requests"] >= 4 and lv["errors"] == {} and lv["requests_per_s"] > 0 for lv in result["levels"])
+    assert result["levels"][0]["speedup_vs_one_by_one"] == 1.0
+    assert result["soak"]["requests"] > 0 and result["soak"]["errors"] == {} and result["soak"]["rss_after_mb"] > 0
+    assert result["queue_depth_after"] == 0

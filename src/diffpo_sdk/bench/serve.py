@@ -132,8 +132,10 @@ def start_server(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.P
     cmd = [
         sys.executable, "-m", "diffpo_sdk.server", "--model", args.model, "--device", args.device,
         "--port", str(port), "--max-batch-items", str(args.max_batch_items), "--max-wait-ms", str(args.max_wait_ms),
-        "--max-queue", "1024", "--log-level", "warning",
+        "--max-queue", "1024", "--request-timeout", str(args.request_timeout), "--log-level", "warning",
     ]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     log = open(log_path, "wb")  # noqa: SIM115 (closed with the process)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -180,7 +182,7 @@ async def bench(args: argparse.Namespace, url: str) -> dict[str, Any]:
         "device": args.device,
         "data": source,
         "options": options,
-        "server": {"max_batch_items": args.max_batch_items, "max_wait_ms": args.max_wait_ms},
+        "server": {"max_batch_items": args.max_batch_items, "max_wait_ms": args.max_wait_ms, "threads": args.threads},
         "levels": levels,
         "soak": soak,
         "queue_depth_after": queue_after,
@@ -219,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--soak-seconds", type=float, default=20.0, help="0 skips the soak")
     p.add_argument("--max-batch-items", type=int, default=32)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--threads", type=int, default=None, help="the server's torch CPU threads")
+    p.add_argument("--request-timeout", type=float, default=900.0,
+                   help="the server's per-request deadline: 64 clients on a CPU wait minutes in the queue")
     p.add_argument("--load-timeout", type=float, default=300.0)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     return p

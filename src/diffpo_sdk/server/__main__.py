@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--adapter", default=None, help="PEFT LoRA adapter folder to put on the model")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's own choice; 1 is faster on a CPU shared with other jobs)")
     p.add_argument("--host", default=d.host, help="interface to bind (default loopback; any other needs --api-key)")
     p.add_argument("--port", type=int, default=d.port)
     p.add_argument("--api-key", default=os.environ.get("DIFFPO_API_KEY"),
@@ -77,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def load():
         from ..engine import RefinerEngine
+
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
 
         return RefinerEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype, adapter=args.adapter)
 
