@@ -265,6 +265,9 @@ def test_api_key_auth(tiny_engine, start_server):
             assert r.headers["www-authenticate"] == "Bearer" and r.json()["error"]["type"] == "unauthorized"
         assert c.get("/metrics").status_code == 401
         assert c.get("/v1/models").status_code == 401
+        for sneaky in ("/v1/refine/", "//v1/refine", "/V1/refine", "/nothing-here"):  # closed by default
+            assert c.post(sneaky, json=req).status_code == 401, sneaky
+        assert c.get("/openapi.json").status_code == 200
         # a 401 comes before the body is even parsed
         assert c.post("/v1/refine", content=b"{not json", headers={"content-type": "application/json"}).status_code == 401
         ok = {"Authorization": "Bearer s3cret-key"}

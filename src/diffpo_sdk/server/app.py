@@ -33,8 +33,8 @@ from .state import ClientDisconnectedError, NotReadyError, ServerState, until_di
 
 log = logging.getLogger("diffpo_sdk.server")
 
-#: Paths that need the API key when one is set; /health and the schema stay open for probes.
-PROTECTED_PREFIXES = ("/v1/", "/metrics")
+#: The only paths open without the API key (when one is set): probes and the schema.
+OPEN_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 #: Route labels for metrics (anything else is "other", so label cardinality stays bounded).
 KNOWN_PATHS = ("/v1/refine", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
@@ -297,7 +297,7 @@ class Observe:
 
 
 class ApiKeyAuth:
-    """``Authorization: Bearer <key>`` on /v1/* and /metrics, compared in constant time."""
+    """``Authorization: Bearer <key>`` on every path but probes and docs, compared in constant time."""
 
     def __init__(self, app: ASGIApp, state: ServerState) -> None:
         self.app, self.state = app, state
@@ -305,7 +305,7 @@ class ApiKeyAuth:
         self.expected = f"Bearer {key}".encode() if key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.expected is None or scope["type"] != "http" or not scope["path"].startswith(PROTECTED_PREFIXES):
+        if self.expected is None or scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             return await self.app(scope, receive, send)
         given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
         if not hmac.compare_digest(given, self.expected):
