@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -476,21 +477,15 @@ def main(argv: list[str] | None = None) -> int:
         records = from_live(args.prompts, models, args.scorer, args.cache or f"{args.output}.cache.jsonl",
                             args.concurrency, args.retries, args.max_tokens, args.skip_invalid, stats)
     if args.limit is not None:
-        records = _take(records, args.limit)
+        records = itertools.islice(records, args.limit)
     try:
-        n = write_jsonl(records, args.output)
+        n = stats.written = write_jsonl(records, args.output)
     except DataError as e:
         print(f"diffpo data build: {e}\n(use --skip-invalid to skip and count bad rows)", file=sys.stderr)
         return 1
     print(f"{stats.summary()} -> {n} trajectories in {args.output}", file=sys.stderr)
     return 0
 
-
-def _take(it: Iterable[dict], n: int) -> Iterator[dict]:
-    for i, rec in enumerate(it):
-        if i >= n:
-            return
-        yield rec
 
 
 if __name__ == "__main__":
