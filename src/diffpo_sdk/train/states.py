@@ -13,6 +13,7 @@ to turn a different model's answer into the target.
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -101,7 +102,7 @@ def load_or_build(path: Path, key: str, build: Any) -> list[dict[str, Any]]:
             return saved["items"]
     items = build()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # several ranks may write the same states
     tmp.write_text(json.dumps({"key": key, "items": items}))
     tmp.replace(path)
     return items
