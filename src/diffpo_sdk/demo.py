@@ -84,7 +84,8 @@ def load_prompts(n: int) -> tuple[list[str], str]:
                 if len(prompts) >= n:
                     return prompts, str(path)
     with open(BUNDLED_DRAFTS, encoding="utf-8") as f:
-        prompts = [json.loads(line)["prompt"] for line in f if line.strip()]
+        rows = [json.loads(line) for line in f if line.strip()]
+    prompts = [r["prompt"] for r in rows if isinstance(r.get("prompt"), str)]  # one-turn items only
     return prompts[:n], str(BUNDLED_DRAFTS)
 
 
