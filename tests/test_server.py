@@ -8,15 +8,15 @@ import time
 
 import httpx
 import pytest
-from test_server_support import (  # noqa: F401  (fixtures)
+from test_server_support import (
     PROMPTS,
     GatedEngine,
     WrappedEngine,
     alpaca_items,
     metric_value,
-    start_server,
-    tiny_engine,
 )
+
+pytest_plugins = ["test_server_support"]  # fixtures: tiny_engine, start_server
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -49,7 +49,7 @@ async def test_concurrent_requests_batch_and_match_engine_alone(tiny_engine, sta
     gated = GatedEngine(tiny_engine)
     url, _ = start_server(gated, max_batch_items=8, max_wait_ms=20)
     items = alpaca_items(alpaca_rows, 16)
-    options = [dict(block_size=4, max_new_tokens=12) if n % 2 else dict(block_size=8, max_new_tokens=16) for n in range(16)]
+    options = [{"block_size": 4, "max_new_tokens": 12} if n % 2 else {"block_size": 8, "max_new_tokens": 16} for n in range(16)]
     async with httpx.AsyncClient(base_url=url, timeout=60) as c:
         tasks = [asyncio.create_task(c.post("/v1/refine", json=body([it], **opt))) for it, opt in zip(items, options)]
         await asyncio.sleep(0.5)  # let every request queue behind the gated first batch
@@ -147,36 +147,36 @@ async def test_client_disconnect_stops_the_work(tiny_engine, start_server):
 
 BAD_INPUTS = [
     # (name, request kwargs, status, words the message must contain)
-    ("malformed JSON", dict(content=b'{"items": [', headers={"content-type": "application/json"}), 400, "not valid JSON"),
-    ("invalid UTF-8", dict(content=b'{"items": [{"prompt": "\xff\xfe", "draft": "x"}]}',
-                           headers={"content-type": "application/json"}), 400, "UTF-8"),
-    ("wrong type", dict(json={"items": [{"prompt": 3, "draft": "x"}]}), 422, "items.0.prompt"),
-    ("items not a list", dict(json={"items": "hello"}), 422, "items"),
-    ("unknown field", dict(json={"items": [{"prompt": "Hi", "draft": "x"}], "temperature": 0.5}), 422, "temperature"),
-    ("unknown item field", dict(json={"items": [{"prompt": "Hi", "draft": "x", "foo": 1}]}), 422, "items.0.foo"),
-    ("missing draft", dict(json={"items": [{"prompt": "Hi"}]}), 422, "items.0.draft"),
-    ("prompt and messages", dict(json={"items": [{"prompt": "Hi", "messages": [{"role": "user", "content": "x"}],
-                                                  "draft": "x"}]}), 422, "exactly one"),
-    ("last turn not user", dict(json={"items": [{"messages": [{"role": "assistant", "content": "x"}], "draft": "x"}]}),
+    ("malformed JSON", {"content": b'{"items": [', "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
+    ("invalid UTF-8", {"content": b'{"items": [{"prompt": "\xff\xfe", "draft": "x"}]}',
+                           "headers": {"content-type": "application/json"}}, 400, "UTF-8"),
+    ("wrong type", {"json": {"items": [{"prompt": 3, "draft": "x"}]}}, 422, "items.0.prompt"),
+    ("items not a list", {"json": {"items": "hello"}}, 422, "items"),
+    ("unknown field", {"json": {"items": [{"prompt": "Hi", "draft": "x"}], "temperature": 0.5}}, 422, "temperature"),
+    ("unknown item field", {"json": {"items": [{"prompt": "Hi", "draft": "x", "foo": 1}]}}, 422, "items.0.foo"),
+    ("missing draft", {"json": {"items": [{"prompt": "Hi"}]}}, 422, "items.0.draft"),
+    ("prompt and messages", {"json": {"items": [{"prompt": "Hi", "messages": [{"role": "user", "content": "x"}],
+                                                  "draft": "x"}]}}, 422, "exactly one"),
+    ("last turn not user", {"json": {"items": [{"messages": [{"role": "assistant", "content": "x"}], "draft": "x"}]}},
      422, "user turn"),
-    ("bad role", dict(json={"items": [{"messages": [{"role": "wizard", "content": "x"}], "draft": "x"}]}), 422, "role"),
-    ("no items", dict(json={"items": []}), 422, "items"),
-    ("too many items", dict(json={"items": [{"prompt": "Hi", "draft": "x"}] * 65}), 422, "at most 64"),
-    ("negative block", dict(json={"items": [{"prompt": "Hi", "draft": "x"}], "block_size": -3}), 422, "block_size"),
-    ("zero block", dict(json={"items": [{"prompt": "Hi", "draft": "x"}], "block_size": 0}), 422, "block_size"),
-    ("huge block", dict(json={"items": [{"prompt": "Hi", "draft": "x"}], "block_size": 10**12, "max_new_tokens": 8}),
+    ("bad role", {"json": {"items": [{"messages": [{"role": "wizard", "content": "x"}], "draft": "x"}]}}, 422, "role"),
+    ("no items", {"json": {"items": []}}, 422, "items"),
+    ("too many items", {"json": {"items": [{"prompt": "Hi", "draft": "x"}] * 65}}, 422, "at most 64"),
+    ("negative block", {"json": {"items": [{"prompt": "Hi", "draft": "x"}], "block_size": -3}}, 422, "block_size"),
+    ("zero block", {"json": {"items": [{"prompt": "Hi", "draft": "x"}], "block_size": 0}}, 422, "block_size"),
+    ("huge block", {"json": {"items": [{"prompt": "Hi", "draft": "x"}], "block_size": 10**12, "max_new_tokens": 8}},
      422, "block_size"),
-    ("block not a number", dict(json={"items": [{"prompt": "Hi", "draft": "x"}], "block_size": "fast"}), 422, "block_size"),
-    ("huge max_new_tokens", dict(json={"items": [{"prompt": "Hi", "draft": "x"}], "max_new_tokens": 10**6}), 422,
+    ("block not a number", {"json": {"items": [{"prompt": "Hi", "draft": "x"}], "block_size": "fast"}}, 422, "block_size"),
+    ("huge max_new_tokens", {"json": {"items": [{"prompt": "Hi", "draft": "x"}], "max_new_tokens": 10**6}}, 422,
      "max_new_tokens"),
-    ("over server cap", dict(json={"items": [{"prompt": "Hi", "draft": "x"}], "max_new_tokens": 600}), 400,
+    ("over server cap", {"json": {"items": [{"prompt": "Hi", "draft": "x"}], "max_new_tokens": 600}}, 400,
      "server's limit"),
-    ("zero iterations", dict(json={"items": [{"prompt": "Hi", "draft": "x"}], "max_iterations": 0}), 422, "max_iterations"),
-    ("prompt too long", dict(json={"items": [{"prompt": "word " * 3000, "draft": "x"}], "max_new_tokens": 8}), 400,
+    ("zero iterations", {"json": {"items": [{"prompt": "Hi", "draft": "x"}], "max_iterations": 0}}, 422, "max_iterations"),
+    ("prompt too long", {"json": {"items": [{"prompt": "word " * 3000, "draft": "x"}], "max_new_tokens": 8}}, 400,
      "context"),
-    ("body too large", dict(json={"items": [{"prompt": "x" * 300_000, "draft": "x"}]}), 413, "limit"),
-    ("not JSON at all", dict(content=b"items=1", headers={"content-type": "text/plain"}), 422, ""),
-    ("array body", dict(json=[1, 2, 3]), 422, ""),
+    ("body too large", {"json": {"items": [{"prompt": "x" * 300_000, "draft": "x"}]}}, 413, "limit"),
+    ("not JSON at all", {"content": b"items=1", "headers": {"content-type": "text/plain"}}, 422, ""),
+    ("array body", {"json": [1, 2, 3]}, 422, ""),
 ]
 
 
@@ -300,7 +300,9 @@ def test_traceparent_makes_server_spans_children_of_the_client(tiny_engine, star
     from opentelemetry import propagate
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+        InMemorySpanExporter,
+    )
 
     exporter = InMemorySpanExporter()
     provider = TracerProvider()

@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 
 schemathesis = pytest.importorskip("schemathesis")
-from hypothesis import HealthCheck, settings  # noqa: E402
-from schemathesis.checks import not_a_server_error  # noqa: E402
-from test_server_support import serve, tiny_engine  # noqa: E402,F401
+from hypothesis import HealthCheck, settings
+from schemathesis.checks import not_a_server_error
+from test_server_support import serve
+
+pytest_plugins = ["test_server_support"]  # fixtures: tiny_engine
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -10,7 +10,9 @@ import httpx
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from test_server_support import WrappedEngine, metric_value, serve, start_server, tiny_engine  # noqa: F401
+from test_server_support import WrappedEngine, metric_value, serve
+
+pytest_plugins = ["test_server_support"]  # fixtures: tiny_engine, start_server
 
 pytestmark = pytest.mark.timeout(120)
 

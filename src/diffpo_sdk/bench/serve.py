@@ -136,8 +136,8 @@ def start_server(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.P
     ]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    log = open(log_path, "wb")  # noqa: SIM115 (closed with the process)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    with open(log_path, "wb") as log:  # the child keeps its own handle
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + args.load_timeout
     while time.monotonic() < deadline:
@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--soak-clients", type=int, default=64)
     p.add_argument("--soak-seconds", type=float, default=20.0, help="0 skips the soak")
     p.add_argument("--max-batch-items", type=int, default=32)
-    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--max-wait-ms", type=float, default=10.0)
     p.add_argument("--threads", type=int, default=None, help="the server's torch CPU threads")
     p.add_argument("--request-timeout", type=float, default=900.0,
                    help="the server's per-request deadline: 64 clients on a CPU wait minutes in the queue")

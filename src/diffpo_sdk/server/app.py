@@ -26,7 +26,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import __version__
 from ..errors import ContextLengthError, InvalidRequestError
 from ..protocol import ErrorBody, RefineRequest, RefineResponse
-from .batcher import Batcher, DeadlineExceededError, OutOfMemoryError, QueueFullError, ShuttingDownError
+from .batcher import (
+    Batcher,
+    DeadlineExceededError,
+    OutOfMemoryError,
+    QueueFullError,
+    ShuttingDownError,
+)
 from .config import ServerConfig
 from .metrics import Metrics
 from .state import ClientDisconnectedError, NotReadyError, ServerState, until_disconnect

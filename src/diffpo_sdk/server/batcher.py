@@ -310,7 +310,7 @@ class Batcher:
         """
         try:
             return list(self._call_engine(rows, key))
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 (whatever it is, it goes back to its own request)
             if is_oom(e):
                 self.metrics.errors.labels("oom").inc()
                 _empty_cache()

@@ -26,7 +26,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import InvalidRequestError
 from ..protocol import Message, RefineItem, RefineOptions
-from .batcher import DeadlineExceededError, OptionsKey, OutOfMemoryError, QueueFullError, ShuttingDownError
+from .batcher import (
+    DeadlineExceededError,
+    OptionsKey,
+    OutOfMemoryError,
+    QueueFullError,
+    ShuttingDownError,
+)
 from .state import ServerState, until_disconnect
 
 log = logging.getLogger("diffpo_sdk.server")

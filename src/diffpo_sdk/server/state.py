@@ -72,11 +72,7 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if task.done():
             return task.result()
-        task.cancel()
-        try:
-            await task
-        except BaseException:
-            pass
+        task.cancel()  # the batcher unqueues the job (or flags its rows) as the cancellation lands
         raise ClientDisconnectedError("the client closed the connection")
     finally:
         watcher.cancel()
