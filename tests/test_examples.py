@@ -6,6 +6,7 @@ the OpenAI-proxy example starts its own local LLM and refining proxy as child pr
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import runpy
@@ -73,3 +74,23 @@ def test_openai_sdk_against_the_refining_proxy(smollm2_path):
                           capture_output=True, text=True, env=env, timeout=540)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "refined:" in proc.stdout and "'refined': True" in proc.stdout, proc.stdout
+
+
+def test_multi_endpoint_spreads_and_fails_over(capsys, monkeypatch, smollm2_path):
+    run_example("multi_endpoint.py", "--max-new-tokens", "8", monkeypatch=monkeypatch)
+    out = capsys.readouterr().out
+    counts = ast.literal_eval(out.split("requests per server:", 1)[1].splitlines()[0])  # {url: n}, printed by the example
+    assert sorted(counts.values()) == [1, 1]  # two calls, one on each server
+    assert "after failover, refined:" in out
+    assert int(out.split("requests on the survivor:", 1)[1].split()[0]) == 2
+
+
+def test_docs_build(tmp_path):
+    pytest.importorskip("mkdocs")
+    pytest.importorskip("mkdocstrings_handlers.python")
+    root = EXAMPLES.parent
+    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--site-dir", str(tmp_path / "site")],
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    api = (tmp_path / "site" / "api" / "index.html").read_text()
+    assert "DiffPORefiner" in api and "from_pretrained" in api  # generated from the docstrings
