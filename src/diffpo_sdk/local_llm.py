@@ -66,7 +66,11 @@ class LocalChatModel:
         with self._lock:
             if self._model is None:
                 from .engine import templating
-                from .engine.loading import load_model_and_tokenizer, resolve_device, resolve_dtype
+                from .engine.loading import (
+                    load_model_and_tokenizer,
+                    resolve_device,
+                    resolve_dtype,
+                )
 
                 dev = resolve_device(self.device)
                 model, tok, _ = load_model_and_tokenizer(self.name, device=dev, dtype=resolve_dtype(self.dtype, dev))
