@@ -228,9 +228,10 @@ def run(args: argparse.Namespace) -> list[Row]:
               f"{row.speedup:.2f}x | same answer as greedy: {same}\n")
 
     print(summary_table(rows))
-    # The same refiner, given drafts it already agrees with (its own greedy answers): what a
-    # refiner trained on the base model's drafts moves toward.
-    _status("refining drafts the refiner already agrees with, for contrast")
+    # The other end of the range: the refiner's own greedy answers as drafts. They go in as
+    # text, like every draft, and re-tokenizing decoded text does not always give the same
+    # tokens back, so a draft can fall out of step part-way; the line reports what happened.
+    _status("refining the refiner's own answers, for contrast")
     t = time.perf_counter()
     ideal = engine.refine([{"messages": c, "draft": r.greedy} for c, r in zip(conversations, rows)],
                           block_size=block_size, max_new_tokens=args.max_new_tokens,
@@ -238,7 +239,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     ideal_s = time.perf_counter() - t
     ip, it = sum(r.iterations for r in ideal), sum(r.new_tokens for r in ideal)
     gs = sum(r.greedy_s for r in rows)
-    print(f"\nFor contrast, drafts the refiner already agrees with (its own greedy answers), all {len(rows)} in one "
+    print(f"\nFor contrast, the refiner's own greedy answers (as text) as drafts, all {len(rows)} in one "
           f"batch: {ip} passes for {it} tokens ({it / max(ip, 1):.2f} tokens/pass), {ideal_s:.2f} s against "
           f"{gs:.2f} s of greedy decoding one by one ({gs / max(ideal_s, 1e-9):.1f}x).")
     print("Drafts from another model (here: sampled) mostly disagree with an untrained refiner, so it falls back\n"
