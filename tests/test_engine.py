@@ -183,5 +183,5 @@ def test_refine_cli_writes_one_line_per_item(tiny_llama_dir, tmp_path):
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok", "draft": ""}\n{"prompt": 3}\n')
-    proc = subprocess.run(cmd[:6] + [str(bad)] + cmd[7:], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd[:7] + [str(bad)] + cmd[8:], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "bad.jsonl:2" in proc.stderr

@@ -151,7 +151,7 @@ class RefinerEngine:
         for n, item in enumerate(parsed):
             prompt, prefix, draft = self.encode(item, opts.keep_draft_prefix)
             self._check_length(n, len(prompt) + len(prefix), opts.max_new_tokens)
-            rows.append(Row(prompt=prompt + prefix, guess=self._initial_guess(draft, opts.max_new_tokens)))
+            rows.append(Row(prompt=prompt + prefix, guess=self._initial_guess(draft, opts.max_new_tokens), draft=draft))
             kept.append(prefix)
 
         block = None if opts.block_size == "auto" else int(opts.block_size)

@@ -32,6 +32,7 @@ class Row:
 
     prompt: list[int]
     guess: list[int]
+    draft: list[int] = field(default_factory=list)
     answer: list[int] = field(default_factory=list)
     iterations: int = 0
     converged: bool = True
@@ -42,6 +43,9 @@ class Row:
     # running estimate of P(guess is right | prefix is right), for the adaptive policy
     hits: float = 1.0
     trials: float = 2.0
+    # draft index believed to line up with the next answer position
+    cursor: int = 0
+    _ngrams: dict[tuple[int, ...], list[int]] | None = None
 
     @property
     def done(self) -> bool:
@@ -50,6 +54,30 @@ class Row:
     @property
     def acceptance(self) -> float:
         return self.hits / self.trials
+
+    def realign(self, limit: int) -> None:
+        """After a miss, line the rest of the draft up with the answer again.
+
+        A refiner that inserts, drops or re-tokenizes a few draft tokens shifts every later
+        draft token by as many positions, and positional guesses would all miss. So the
+        last committed tokens are looked up in the draft (trigram, else bigram, the match
+        nearest the cursor) and the draft tokens after the match become the guesses. Guesses
+        are only ever checked, so this changes speed, never the answer.
+        """
+        if self._ngrams is None:
+            self._ngrams = {}
+            for k in (2, 3):
+                for q in range(k, len(self.draft) + 1):
+                    self._ngrams.setdefault(tuple(self.draft[q - k : q]), []).append(q)
+        c = len(self.answer)
+        for k in (3, 2):
+            hits = self._ngrams.get(tuple(self.answer[-k:])) if c >= k else None
+            if hits:
+                q = min(hits, key=lambda h: abs(h - self.cursor))
+                tail = self.draft[q : q + limit - c]
+                self.guess[c : c + len(tail)] = tail
+                self.cursor = q
+                return
 
     def observe(self, hits: int, trials: int, decay: float = 0.85) -> None:
         """Recent passes weigh more: a refiner can stop and start copying its draft."""
@@ -169,6 +197,9 @@ def jacobi_decode(
             for t in range(min(len(pred), N - c)):
                 r.guess[c + t] = pred[t]
             new = _commit(r, pred[: m + 1], stop_ids, N)
+            r.cursor += len(new)
+            if m < n_guess and not r.done and r.draft:
+                r.realign(N)
             if not r.done and max_iterations is not None and r.block_passes >= max_iterations:
                 end = min((len(r.answer) // cap_block + 1) * cap_block, N)
                 if len(r.answer) % cap_block:  # the block is not finished: keep its guess as is

@@ -71,14 +71,14 @@ class BlockPolicy:
         measures the draft's quality before any real choice is made.
         """
         u_max = max(uncached)
+        limit = max(1, min(room, self.max_block))
+        candidates = [b for b in WIDTHS if b < limit] + [limit]  # the whole remaining budget too
         if first:
             budget = 1.25 * self.cost(len(rows) * u_max)
-            fits = [b for b in WIDTHS if b <= min(room, self.max_block) and self.cost(len(rows) * (u_max + b - 1)) <= budget]
+            fits = [b for b in candidates if self.cost(len(rows) * (u_max + b - 1)) <= budget]
             return max(fits, default=1)
         best, best_rate = 1, -1.0
-        for block in WIDTHS:
-            if block > min(room, self.max_block):
-                break
+        for block in candidates:
             width = u_max + block - 1
             tokens = sum(_expected(r.acceptance, width - u + 1) for r, u in zip(rows, uncached))
             rate = tokens / self.cost(len(rows) * width)
