@@ -89,6 +89,8 @@ def build_datasets(cfg: Any, model: Any, tok: Any) -> tuple[Any, Any, list[dict]
         train_recs, held = records, load_trajectories(cfg.eval_data)[: cfg.max_eval_prompts]
     else:
         train_recs, held = split_by_prompt(records, cfg.eval_fraction, cfg.max_eval_prompts)
+    if cfg.max_train_prompts is not None:
+        train_recs = train_recs[: cfg.max_train_prompts]
     n = cfg.max_response_tokens
     stop = templating.stop_token_ids(tok, model.config, getattr(model, "generation_config", None))
     probe = TrajectoryDataset(held[:1], tok, n, cfg.max_prompt_tokens, stop_ids=stop)
