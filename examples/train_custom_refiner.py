@@ -34,22 +34,23 @@ def main() -> int:
     if not shared.is_file():
         src.write_text("".join(json.dumps(r) + "\n" for r in INLINE))
     traj = work / "traj.jsonl"
-    data.main(["build", "--from-scored", str(src), "--output", str(traj), "--limit", "24"])
+    data.main(["build", "--from-scored", str(src), "--output", str(traj), "--limit", "12"])
 
     from diffpo_sdk.train.__main__ import main as train
 
     out = work / "refiner"
     rc = train(["--model", "smollm2-135m-instruct", "--data", str(traj), "--output-dir", str(out),
-                "--max-response-tokens", "24", "--max-steps", "4", "--lora-r", "8", "--learning-rate", "1e-4",
-                "--eval-fraction", "0.25", "--max-eval-prompts", "4", "--eval-steps", "4",
-                "--jacobi-states-per-prompt", "1", "--guard-prompts", "2", "--dataloader-pin-memory", "false"])
+                "--max-response-tokens", "16", "--max-steps", "2", "--lora-r", "8", "--learning-rate", "1e-4",
+                "--eval-fraction", "0.25", "--max-eval-prompts", "2", "--eval-strategy", "no", "--guard", "false",
+                "--final-eval", "false",  # the before/after table costs minutes on CPU: see docs/training.md
+                "--jacobi-states-per-prompt", "1", "--dataloader-pin-memory", "false"])
     if rc:
         return rc
 
     from diffpo_sdk.engine import RefinerEngine
 
-    engine = RefinerEngine.from_pretrained(str(out), device="cpu", dtype="float32")
-    res = engine.refine([{"prompt": "How do I boil an egg?", "draft": "boil it"}], max_new_tokens=48)[0]
+    engine = RefinerEngine.from_pretrained(str(out), device="cpu", dtype="float32", calibrate=False)
+    res = engine.refine([{"prompt": "How do I boil an egg?", "draft": "boil it"}], block_size=16, max_new_tokens=48)[0]
     print(f"refined in {res.iterations} passes for {res.new_tokens} tokens:\n{res.text}")
     return 0
 
