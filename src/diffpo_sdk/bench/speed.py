@@ -110,11 +110,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     engine = RefinerEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     N = args.max_new_tokens
     base = load_prompts(Path(args.data) if args.data else None, args.num_prompts)
-    blocks = [b for b in (16, 32, 64, 128) if b < N] + [N]
+    blocks = [N if b == "N" else int(b) for b in args.blocks.split(",")]
+    kinds = args.drafts.split(",")
+    batch_blocks = [b if b == "auto" else int(b) for b in args.batch_blocks.split(",") if b]
     rng = random.Random(1)
     vocab = len(engine.tokenizer)
 
-    progress = tqdm(total=3 + 3 * (len(blocks) + 1) + 2 + (1 if args.official_prompts else 0), desc="bench speed")
+    steps = 3 + len(kinds) * (len(blocks) + 1) + len(batch_blocks) + (1 if args.official_prompts else 0)
+    progress = tqdm(total=steps, desc="bench speed")
     engine.refine(base[:1], block_size=8, max_new_tokens=8)  # warm-up
     gen, hf_s = _timed(lambda: [engine.generate(it, max_new_tokens=N) for it in base])
     progress.update(1)
@@ -132,7 +135,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows.append({"config": "hf-generate", "drafts": "-", "passes_per_token": 1.0, "tokens_per_pass": 1.0,
                  "seconds": round(hf_s, 3), "tokens_per_s": round(gen_tokens / hf_s, 2), "speedup_vs_generate": 1.0})
     mismatches = 0
-    for kind, items in drafts.items():
+    for kind in kinds:
+        items = drafts[kind]
         for block in [*blocks, "auto"]:
             res, s = _timed(lambda: [engine.refine([it], block_size=block, max_new_tokens=N)[0] for it in items])
             mismatches += sum(r.token_ids != g.token_ids for r, g in zip(res, gen))
@@ -142,7 +146,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # 8 requests batched against the same 8 one by one (real drafts, adaptive and block 32)
     batch_items = (drafts["real"] * 8)[:8]
     batching = {}
-    for block in ("auto", 32):
+    for block in batch_blocks:
         one, s_one = _timed(lambda: [engine.refine([it], block_size=block, max_new_tokens=N)[0] for it in batch_items])
         many, s_many = _timed(lambda: engine.refine(batch_items, block_size=block, max_new_tokens=N))
         mismatches += sum(a.token_ids != b.token_ids for a, b in zip(one, many))
@@ -219,13 +223,14 @@ def plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kinds = ["real", "fixed", "random"]
-    configs = [r["config"] for r in report["rows"] if r["drafts"] == "real"]
+    engine_rows = [r for r in report["rows"] if r["drafts"] != "-"]
+    kinds = list(dict.fromkeys(r["drafts"] for r in engine_rows))
+    configs = list(dict.fromkeys(r["config"] for r in engine_rows))
+    speed = {(r["config"], r["drafts"]): r["speedup_vs_generate"] for r in engine_rows}
     fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.8 / len(kinds)
     for k, kind in enumerate(kinds):
-        vals = [next(r["speedup_vs_generate"] for r in report["rows"] if r["config"] == c and r["drafts"] == kind)
-                for c in configs]
+        vals = [speed.get((c, kind), 0.0) for c in configs]
         ax.bar([i + k * width for i in range(len(configs))], vals, width, label=f"{kind} drafts")
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks([i + width for i in range(len(configs))], [c.replace("engine ", "") for c in configs])
@@ -244,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--blocks", default="16,32,64,128,N", help="fixed block sizes to run ('N' = max-new-tokens)")
+    p.add_argument("--drafts", default="real,fixed,random", help="draft kinds to run")
+    p.add_argument("--batch-blocks", default="auto,32", help="block sizes for the 8-batched comparison ('' skips)")
     p.add_argument("--official-prompts", type=int, default=2, help="prompts for the no-cache baseline (0 skips it)")
     p.add_argument("--official-max-new-tokens", type=int, default=256)
     p.add_argument("--data", default=None, help="AlpacaEval-format .jsonl.gz (default: ../shared/data)")
