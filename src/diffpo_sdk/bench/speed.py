@@ -135,12 +135,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows.append({"config": "hf-generate", "drafts": "-", "passes_per_token": 1.0, "tokens_per_pass": 1.0,
                  "seconds": round(hf_s, 3), "tokens_per_s": round(gen_tokens / hf_s, 2), "speedup_vs_generate": 1.0})
     mismatches = 0
+    # Interleaved: for every prompt, greedy generate and then each configuration run back to
+    # back, so a machine whose load drifts during the run slows all of them alike.
+    configs = [*blocks, "auto"]
     for kind in kinds:
-        items = drafts[kind]
-        for block in [*blocks, "auto"]:
-            res, s = _timed(lambda: [engine.refine([it], block_size=block, max_new_tokens=N)[0] for it in items])
-            mismatches += sum(r.token_ids != g.token_ids for r, g in zip(res, gen))
-            rows.append(_summarise(f"engine block={block}", kind, res, s, hf_s))
+        secs = dict.fromkeys(configs, 0.0)
+        results: dict = {c: [] for c in configs}
+        hf_kind = 0.0
+        for it, g in zip(drafts[kind], gen):
+            hf_kind += _timed(engine.generate, it, max_new_tokens=N)[1]
+            for block in configs:
+                (res,), s = _timed(engine.refine, [it], block_size=block, max_new_tokens=N)
+                secs[block] += s
+                results[block].append(res)
+                mismatches += res.token_ids != g.token_ids
+        for block in configs:
+            rows.append(_summarise(f"engine block={block}", kind, results[block], secs[block], hf_kind))
             progress.update(1)
 
     # 8 requests batched against the same 8 one by one (real drafts, adaptive and block 32)
