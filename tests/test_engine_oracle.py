@@ -71,12 +71,23 @@ def test_adaptive_mode_equals_greedy_in_one_mixed_batch(smol, real_items, refere
 
 
 @pytest.mark.slow
-def test_fixed_point_draft_takes_one_pass_at_full_width(smol, real_items, references):
-    """A draft that already is the refiner's answer is verified in a single forward pass."""
-    item = {"prompt": real_items[0]["prompt"], "draft": smol.tokenizer.decode(references[0])}
-    (res,) = smol.refine([item], block_size=N, max_new_tokens=N)
-    assert res.token_ids == references[0]
-    assert res.iterations == 1
+def test_fixed_point_drafts_are_verified_in_a_few_passes(smol, real_items, references):
+    """The refiner's own answer as a draft is verified at once when its text tokenizes back to
+    the same ids; where it does not (decode/encode is not a round trip), re-aligning the
+    draft after each miss keeps the cost to a pass or two per mismatch."""
+    from diffpo_sdk.engine.templating import draft_ids
+
+    drafts = [{"prompt": it.get("prompt"), "messages": it.get("messages"), "draft": smol.tokenizer.decode(ref)}
+              for it, ref in zip(real_items, references)]
+    drafts = [{k: v for k, v in d.items() if v is not None} for d in drafts]
+    results = smol.refine(drafts, block_size=N, max_new_tokens=N)
+    assert [r.token_ids for r in results] == references
+    round_trips = [draft_ids(smol.tokenizer, d["draft"]) == ref for d, ref in zip(drafts, references)]
+    assert any(round_trips)
+    for res, exact in zip(results, round_trips):
+        if exact:
+            assert res.iterations == 1
+    assert sum(r.iterations for r in results) <= 0.25 * sum(r.new_tokens for r in results)
 
 
 @pytest.mark.slow
