@@ -57,6 +57,8 @@ class RefinerEngine:
         self.device = next(model.parameters()).device
         self.pad_id = templating.ensure_pad_token(tokenizer)
         self.stop_ids = templating.stop_token_ids(tokenizer, model.config, getattr(model, "generation_config", None))
+        # what follows a draft in the initial guess: the end-of-turn/EOS token
+        self.eot = self.pad_id if self.pad_id in self.stop_ids else min(self.stop_ids)
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 1 << 20
         self.policy = BlockPolicy()
         self._lock = threading.Lock()
@@ -205,9 +207,7 @@ class RefinerEngine:
     def _initial_guess(self, draft: list[int], n: int) -> list[int]:
         """The draft cut or padded to N positions; the stop token right after it lets a
         refiner that agrees with the draft verify the end in the same pass."""
-        eot = min(self.stop_ids) if self.pad_id not in self.stop_ids else self.pad_id
-        guess = draft[:n] + [eot] * max(0, n - len(draft))
-        return guess
+        return draft[:n] + [self.eot] * max(0, n - len(draft))
 
     def _result(self, row: Row, prefix: list[int], seconds: float) -> RefineResult:
         answer = row.answer[:-1] if row.answer and row.answer[-1] in self.stop_ids else row.answer

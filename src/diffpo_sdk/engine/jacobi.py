@@ -138,15 +138,14 @@ def jacobi_decode(
     S = 0  # cached slots, the same for every live row
 
     while live:
-        batch = [rows[i] for i in live]
         uncached = [len(committed[i]) - S for i in live]
         u_max = max(uncached)
-        room = max(N - len(r.answer) for r in batch)
+        room = max(N - len(rows[i].answer) for i in live)
         if block_size is not None:
             block = min(block_size, room)
         else:
             assert policy is not None
-            block = policy.choose(batch, uncached, room, first=S == 0)
+            block = policy.choose([rows[i] for i in live], uncached, room, first=S == 0)
         W = u_max + block - 1
 
         fed_rows = []
