@@ -13,6 +13,7 @@ import torch
 
 from diffpo_sdk.engine import RefinerEngine
 from diffpo_sdk.engine.loading import SMOLLM2_INSTALL, resolve_model_path, smollm2_gguf_path
+from diffpo_sdk.engine.jacobi import Row, Spelling
 from diffpo_sdk.engine.policy import BlockPolicy
 from diffpo_sdk.errors import ContextLengthError, InvalidRequestError, ModelNotFoundError
 
@@ -166,6 +167,32 @@ def test_policy_goes_wide_on_good_drafts_and_narrow_on_bad_ones():
         gpu_like.record(1, 1, 0.010)
         gpu_like.record(1, 64, 0.011)
     assert gpu_like.choose([R(0.5)], [1], room=128) > 1
+
+
+def test_a_tokenization_miss_rewrites_the_rest_of_the_draft(smollm2_path):
+    """Decoded text re-tokenizes "\\n\\n" before a word as two tokens; a model writes one."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_path)
+    spelling = Spelling.of(tok)
+    text = "Steps:\n\n1. Plan.\n\n2. Build.\n\n3. Ship."
+    draft = tok(text, add_special_tokens=False)["input_ids"]
+    nl, nlnl = spelling.ids["Ċ"], spelling.ids["ĊĊ"]
+    assert draft.count(nl) == 6 and nlnl not in draft  # the split this rule exists for
+    row = Row(prompt=[1], guess=list(draft), draft=list(draft), spelling=spelling)
+    at = draft.index(nl)
+    row.answer = draft[:at] + [nlnl]  # the refiner wrote one "\n\n" token where the draft has two
+    row.cursor = at + 1
+    row.retokenize(nlnl, draft[at : at + 4])
+    row.realign(64)
+    assert row.draft.count(nlnl) == 3 and nl not in row.draft
+    assert tok.decode(row.draft) == text  # same text, the refiner's tokens
+    assert row.guess[len(row.answer) : len(row.draft)] == row.draft[len(row.answer) :]
+    # the other way round: the draft's one token is split by the refiner
+    merged = list(row.draft)
+    back = Row(prompt=[1], guess=list(merged), draft=list(merged), spelling=spelling)
+    back.retokenize(nl, [nlnl])
+    assert back.draft.count(nl) == 6 and tok.decode(back.draft) == text
 
 
 def test_refine_cli_writes_one_line_per_item(tiny_llama_dir, tmp_path):

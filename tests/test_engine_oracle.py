@@ -73,8 +73,8 @@ def test_adaptive_mode_equals_greedy_in_one_mixed_batch(smol, real_items, refere
 @pytest.mark.slow
 def test_fixed_point_drafts_are_verified_in_a_few_passes(smol, real_items, references):
     """The refiner's own answer as a draft is verified at once when its text tokenizes back to
-    the same ids; where it does not (decode/encode is not a round trip), re-aligning the
-    draft after each miss keeps the cost to a pass or two per mismatch."""
+    the same ids; where it does not (decode/encode is not a round trip), the first miss
+    teaches the row the refiner's tokenization and re-aligns the rest of the draft."""
     from diffpo_sdk.engine.templating import draft_ids
 
     drafts = [{"prompt": it.get("prompt"), "messages": it.get("messages"), "draft": smol.tokenizer.decode(ref)}
@@ -85,8 +85,7 @@ def test_fixed_point_drafts_are_verified_in_a_few_passes(smol, real_items, refer
     round_trips = [draft_ids(smol.tokenizer, d["draft"]) == ref for d, ref in zip(drafts, references)]
     assert any(round_trips)
     for res, exact in zip(results, round_trips):
-        if exact:
-            assert res.iterations == 1
+        assert res.iterations <= (1 if exact else 3)
     assert sum(r.iterations for r in results) <= 0.25 * sum(r.new_tokens for r in results)
 
 

@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     engine = RefinerEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     N = args.max_new_tokens
     base = load_prompts(Path(args.data) if args.data else None, args.num_prompts)
-    blocks = [N if b == "N" else int(b) for b in args.blocks.split(",")]
+    blocks = list(dict.fromkeys(N if b == "N" else int(b) for b in args.blocks.split(",")))
     kinds = args.drafts.split(",")
     batch_blocks = [b if b == "auto" else int(b) for b in args.batch_blocks.split(",") if b]
     rng = random.Random(1)

@@ -13,7 +13,7 @@ import torch
 from ..errors import ContextLengthError, InvalidRequestError
 from ..protocol import BlockSize, RefinedItem, RefineItem, RefineOptions, coerce_items
 from . import templating
-from .jacobi import Row, jacobi_decode
+from .jacobi import Row, Spelling, jacobi_decode
 from .loading import load_model_and_tokenizer, resolve_device, resolve_dtype
 from .policy import BlockPolicy
 
@@ -60,6 +60,7 @@ class RefinerEngine:
         # what follows a draft in the initial guess: the end-of-turn/EOS token
         self.eot = self.pad_id if self.pad_id in self.stop_ids else min(self.stop_ids)
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 1 << 20
+        self.spelling = Spelling.of(tokenizer)
         self.policy = BlockPolicy()
         self._lock = threading.Lock()
 
@@ -153,7 +154,8 @@ class RefinerEngine:
         for n, item in enumerate(parsed):
             prompt, prefix, draft = self.encode(item, opts.keep_draft_prefix)
             self._check_length(n, len(prompt) + len(prefix), opts.max_new_tokens)
-            rows.append(Row(prompt=prompt + prefix, guess=self._initial_guess(draft, opts.max_new_tokens), draft=draft))
+            rows.append(Row(prompt=prompt + prefix, guess=self._initial_guess(draft, opts.max_new_tokens), draft=draft,
+                            spelling=self.spelling))
             kept.append(prefix)
 
         block = None if opts.block_size == "auto" else int(opts.block_size)

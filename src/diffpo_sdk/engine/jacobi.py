@@ -20,10 +20,26 @@ import inspect
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from .policy import BlockPolicy
+
+
+class Spelling:
+    """Each token's text as its tokenizer writes it, and back; shared by every row."""
+
+    def __init__(self, tokens: Sequence[str]) -> None:
+        self.tokens = list(tokens)
+        self.ids = {t: i for i, t in reversed(list(enumerate(self.tokens)))}
+
+    @classmethod
+    def of(cls, tokenizer: Any) -> Spelling:
+        return cls(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
 
 
 @dataclass
@@ -45,6 +61,10 @@ class Row:
     trials: float = 2.0
     # draft index believed to line up with the next answer position
     cursor: int = 0
+    # each token's text as the tokenizer spells it (shared by all rows), to spot a refiner
+    # that tokenizes the same text differently from the draft
+    spelling: Spelling | None = None
+    rewrites: int = 0
     _ngrams: dict[tuple[int, ...], list[int]] | None = None
 
     @property
@@ -78,6 +98,50 @@ class Row:
                 self.guess[c : c + len(tail)] = tail
                 self.cursor = q
                 return
+
+    def retokenize(self, token: int, missed: Sequence[int], max_rewrites: int = 8) -> None:
+        """Learn from a miss that only differs in tokenization, and fix the rest of the draft.
+
+        Decoded text re-tokenizes differently from what a model emits: a byte-level BPE
+        tokenizer splits "\\n\\n" before a word into two "\\n" tokens while models write one
+        "\\n\\n" token. When the refiner's token spells exactly the next few draft tokens
+        (a merge), or the start of the next draft token whose rest is a token itself (a
+        split), every later occurrence in the draft is rewritten the refiner's way, so one
+        pass pays for the lesson instead of one pass per occurrence. Speed only: guesses are
+        always checked.
+        """
+        if self.spelling is None or not missed or self.rewrites >= max_rewrites:
+            return
+        spell, vocab = self.spelling.tokens, len(self.spelling)
+        if not 0 <= token < vocab or any(not 0 <= t < vocab for t in missed):
+            return
+        text, old, new = spell[token], None, None
+        joined = ""
+        for k, t in enumerate(missed, 1):
+            joined += spell[t]
+            if len(joined) >= len(text):
+                if k > 1 and joined == text:
+                    old, new = tuple(missed[:k]), (token,)
+                break
+        first = spell[missed[0]]
+        if old is None and len(first) > len(text) and first.startswith(text):
+            rest = self.spelling.ids.get(first[len(text) :])
+            if rest is not None:
+                old, new = (missed[0],), (token, rest)
+        if old is None:
+            return
+        out, q, shift, k = [], 0, 0, len(old)
+        while q < len(self.draft):
+            if tuple(self.draft[q : q + k]) == old:
+                out.extend(new)
+                if q < self.cursor:
+                    shift += len(new) - k
+                q += k
+            else:
+                out.append(self.draft[q])
+                q += 1
+        self.draft, self.cursor, self._ngrams = out, max(0, self.cursor + shift), None
+        self.rewrites += 1
 
     def observe(self, hits: int, trials: int, decay: float = 0.85) -> None:
         """Recent passes weigh more: a refiner can stop and start copying its draft."""
@@ -192,12 +256,14 @@ def jacobi_decode(
             if c // cap_block != r.block_index:
                 r.block_index, r.block_passes = c // cap_block, 0
             r.block_passes += 1
+            missed = r.guess[c + m : c + m + 4] if m < n_guess else []
             # Jacobi update of every guessed position, then commit the verified prefix.
             for t in range(min(len(pred), N - c)):
                 r.guess[c + t] = pred[t]
             new = _commit(r, pred[: m + 1], stop_ids, N)
             r.cursor += len(new)
-            if m < n_guess and not r.done and r.draft:
+            if missed and not r.done and r.draft:
+                r.retokenize(pred[m], missed)
                 r.realign(N)
             if not r.done and max_iterations is not None and r.block_passes >= max_iterations:
                 end = min((len(r.answer) // cap_block + 1) * cap_block, N)
