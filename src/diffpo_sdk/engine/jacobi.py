@@ -99,7 +99,7 @@ class Row:
                 self.cursor = q
                 return
 
-    def retokenize(self, token: int, missed: Sequence[int], max_rewrites: int = 8) -> None:
+    def retokenize(self, token: int, missed: Sequence[int], max_rewrites: int = 8) -> bool:
         """Learn from a miss that only differs in tokenization, and fix the rest of the draft.
 
         Decoded text re-tokenizes differently from what a model emits: a byte-level BPE
@@ -108,13 +108,13 @@ class Row:
         (a merge), or the start of the next draft token whose rest is a token itself (a
         split), every later occurrence in the draft is rewritten the refiner's way, so one
         pass pays for the lesson instead of one pass per occurrence. Speed only: guesses are
-        always checked.
+        always checked. Returns whether the miss was such a difference.
         """
         if self.spelling is None or not missed or self.rewrites >= max_rewrites:
-            return
+            return False
         spell, vocab = self.spelling.tokens, len(self.spelling)
         if not 0 <= token < vocab or any(not 0 <= t < vocab for t in missed):
-            return
+            return False
         text, old, new = spell[token], None, None
         joined = ""
         for k, t in enumerate(missed, 1):
@@ -129,7 +129,7 @@ class Row:
             if rest is not None:
                 old, new = (missed[0],), (token, rest)
         if old is None:
-            return
+            return False
         out, q, shift, k = [], 0, 0, len(old)
         while q < len(self.draft):
             if tuple(self.draft[q : q + k]) == old:
@@ -142,6 +142,7 @@ class Row:
                 q += 1
         self.draft, self.cursor, self._ngrams = out, max(0, self.cursor + shift), None
         self.rewrites += 1
+        return True
 
     def observe(self, hits: int, trials: int, decay: float = 0.85) -> None:
         """Recent passes weigh more: a refiner can stop and start copying its draft."""
@@ -247,24 +248,26 @@ def jacobi_decode(
             m = 0  # guesses verified in this pass: leading guesses equal to their prediction
             while m < n_guess and c + m < N and r.guess[c + m] == pred[m]:
                 m += 1
-            # For the policy: how often guesses agree with predictions across the whole
-            # window, the position just past the fed guesses included (at block size 1
-            # that comparison is all there is to learn from).
-            span = min(n_guess + 1, N - c)
-            r.observe(sum(r.guess[c + t] == pred[t] for t in range(span)), span)
+            span = min(n_guess + 1, N - c)  # positions judged, the one past the guesses included
+            run = m + int(m == n_guess < span and r.guess[c + m] == pred[m])
             r.iterations += 1
             if c // cap_block != r.block_index:
                 r.block_index, r.block_passes = c // cap_block, 0
             r.block_passes += 1
-            missed = r.guess[c + m : c + m + 4] if m < n_guess else []
+            missed = r.guess[c + m : c + m + 4] if run < span else []  # from the wrong guess on
             # Jacobi update of every guessed position, then commit the verified prefix.
             for t in range(min(len(pred), N - c)):
                 r.guess[c + t] = pred[t]
             new = _commit(r, pred[: m + 1], stop_ids, N)
             r.cursor += len(new)
+            forgiven = False
             if missed and not r.done and r.draft:
-                r.retokenize(pred[m], missed)
+                forgiven = r.retokenize(pred[m], missed)
                 r.realign(N)
+            # For the policy, P(guess right | prefix right): the run of right guesses and the
+            # miss that ends it (guesses past a miss sat on a wrong prefix and say nothing);
+            # a miss that only differed in tokenization is forgiven, the draft is fixed now.
+            r.observe(run, min(run + 1, span) - int(forgiven))
             if not r.done and max_iterations is not None and r.block_passes >= max_iterations:
                 end = min((len(r.answer) // cap_block + 1) * cap_block, N)
                 if len(r.answer) % cap_block:  # the block is not finished: keep its guess as is
