@@ -128,3 +128,80 @@ def test_prefix_mask() -> None:
     t = torch.tensor([[1, 2, 3, 4]])
     m = consistency_mask(s, t, torch.ones(1, 4), "prefix")
     assert m.tolist() == [[0, 0, 0, 1]]  # only position 3 sees a differing prefix
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_frontier_branches_equal_plain_forwards(tiny_llama_dir: str, attn: str) -> None:
+    """A packed branch's logit is p(. | x, y*_<d, w) and its teacher p(. | x, y*_<=d), each
+    checked against an ordinary forward of that unpadded sequence."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from diffpo_sdk.train.loss import frontier_logits, frontier_rows
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32, attn_implementation=attn)
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    n = 6
+    ds = TrajectoryDataset(RECORDS, tok, n=n)
+    prompts = [ds.items[0]["prompt"], ds.items[1]["prompt"]]
+    fixed = [ds.padded(ds.items[0]["target"]), ds.padded(ds.items[1]["others"][0])]
+    # rows with different numbers of branches; one token each, or a run of wrong guesses
+    branches = [[(0, 7), (2, [11, 12, 14]), (4, 13)], [(1, 5)]]
+    batch = frontier_rows(prompts, fixed, branches, ds.pad)
+    with torch.no_grad():
+        teacher, student = frontier_logits(model, batch, n)
+
+        def last_logit(seq: list[int]) -> torch.Tensor:
+            return model(input_ids=torch.tensor([seq])).logits[0, -1]
+
+        for r, (p, y, br) in enumerate(zip(prompts, fixed, branches)):
+            k = 0
+            for d, ws in br:
+                ws = [ws] if isinstance(ws, int) else ws
+                for i in range(len(ws)):
+                    got = student[r, k]
+                    torch.testing.assert_close(got, last_logit(p + y[:d] + ws[: i + 1]), rtol=1e-4, atol=1e-4)
+                    torch.testing.assert_close(teacher[r, k], last_logit(p + y[: d + i + 1]), rtol=1e-4, atol=1e-4)
+                    k += 1
+    assert batch["frontier_valid"].tolist() == [[1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert batch["frontier_pos"][0].tolist() == [0, 2, 3, 4, 4]
+
+
+def test_frontier_loss_counts_valid_branches_and_trains_only_the_student(tiny) -> None:
+    """L_Con over frontier rows is the mean KL (or CE to the teacher's argmax) over the real
+    branches, and its gradient equals that of the same term with a separately computed, detached teacher."""
+    from diffpo_sdk.train.loss import frontier_logits, token_kl
+
+    model, tok = tiny
+    n = 8
+    recs = [dict(r) for r in RECORDS]
+    y = tok("Blue is a colour.", add_special_tokens=False)["input_ids"][: n - 2] + [2]
+    states = [{"fixed_point": y, "states": [[5] * n, [6] * n]} for _ in recs]
+    ds = TrajectoryDataset(recs, tok, n=n, source="frontier", states=states, branches=3)
+    feats = [ds.get(i, deterministic=True) for i in range(len(ds))]
+    assert all(0 < len(f["branches"]) <= 3 for f in feats)
+    batch = DiffPOCollator(ds.pad)(feats)
+    for kind in ("kl", "ce"):
+        out = diffpo_loss(model, batch, 2.0, mask="none", kind=kind)
+        with torch.no_grad():
+            teacher, student = frontier_logits(model, batch, n)
+            per = (token_kl(teacher, student) if kind == "kl" else
+                   torch.nn.functional.cross_entropy(student.transpose(1, 2), teacher.argmax(-1), reduction="none"))
+            v = batch["frontier_valid"].float()
+            ref = (per * v).sum() / v.sum()
+        torch.testing.assert_close(out.con_loss, ref, rtol=1e-4, atol=1e-5)
+        assert out.con_positions == int(v.sum())
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    diffpo_loss(model, batch, 1.0, mask="none").loss.backward()
+    g_full = [p.grad.clone() for p in params]
+    model.zero_grad()
+    diffpo_loss(model, batch, 0.0, mask="none").loss.backward()
+    g_ar = [p.grad.clone() for p in params]
+    model.zero_grad()
+    with torch.no_grad():
+        teacher, _ = frontier_logits(model, batch, n)
+    _, student = frontier_logits(model, batch, n)
+    v = batch["frontier_valid"].float()
+    ((token_kl(teacher, student) * v).sum() / v.sum()).backward()
+    for full, ar, p in zip(g_full, g_ar, params):
+        torch.testing.assert_close(full - ar, p.grad, rtol=1e-3, atol=1e-6)

@@ -51,6 +51,32 @@ def test_few_steps_lower_both_losses(tiny_llama_dir: str, tmp_path: Path) -> Non
     assert logged and {"ar_loss", "con_loss", "consistency_weight"} <= set(logged[0])
 
 
+@pytest.mark.parametrize("kind,depth", [("kl", 1), ("ce", 2)])
+def test_frontier_source_lowers_its_consistency_loss(tiny_llama_dir: str, tmp_path: Path, kind: str,
+                                                     depth: int) -> None:
+    from diffpo_sdk.train.evaluate import heldout_losses
+    from diffpo_sdk.train.states import build_states
+
+    torch.manual_seed(0)
+    model, tok = load(tiny_llama_dir)
+    plain = TrajectoryDataset(RECORDS, tok, 12)
+    states = build_states(model, tok, [it["prompt"] for it in plain.items], [it["others"][0] for it in plain.items],
+                          12, plain.eot, plain.stop_ids, states_per_prompt=2, progress=False)
+    ds = TrajectoryDataset(RECORDS, tok, 12, source="frontier", states=states, depth=depth)
+    feats = [ds.get(i, deterministic=True) for i in range(len(ds))]
+    assert sum(len(f["branches"]) for f in feats) > len(ds)
+    assert all(sum(len(ws) for _, ws in f["branches"]) <= 12 for f in feats)
+    assert max(len(ws) for f in feats for _, ws in f["branches"]) == depth
+    collate = DiffPOCollator(ds.pad)
+    before = heldout_losses(model, ds, collate, mask="none", kind=kind)
+    args = config(tmp_path, consistency_weight=1.0, consistency_mask="none", consistency_loss=kind,
+                  trajectory_source="frontier", frontier_depth=depth, max_steps=8, learning_rate=1e-2)
+    DiffPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok).train()
+    after = heldout_losses(model, ds, collate, mask="none", kind=kind)
+    assert after["con_loss"] < 0.8 * before["con_loss"]
+    assert after["ar_loss"] < before["ar_loss"]
+
+
 def test_collapse_guard_stops_and_restores(tiny_llama_dir: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
     model, tok = load(tiny_llama_dir)

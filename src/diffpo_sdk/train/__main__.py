@@ -106,10 +106,12 @@ def build_datasets(cfg: Any, model: Any, tok: Any) -> tuple[Any, Any, list[dict]
     train_states = states_for(train_recs, "train") if cfg.trajectory_source != "answers" else None
     held_states = states_for(held, "heldout") if cfg.final_eval or cfg.trajectory_source != "answers" else None
     train_ds = TrajectoryDataset(train_recs, tok, n, cfg.max_prompt_tokens, cfg.trajectory_source, train_states,
-                                 cfg.seed, stop)
+                                 cfg.seed, stop, cfg.frontier_branches,
+                                 cfg.frontier_depth)
     eval_ds = TrajectoryDataset(held, tok, n, cfg.max_prompt_tokens, "answers" if held_states is None else
-                                cfg.trajectory_source, held_states, cfg.seed, stop)
-    draft_items = [{"messages": r["messages"], "draft": (r.get("others") or [r["target"]])[0]} for r in held]
+                                cfg.trajectory_source, held_states, cfg.seed, stop, cfg.frontier_branches,
+                                cfg.frontier_depth)
+    draft_items = eval_ds.draft_items()
     state_items = []
     if held_states:
         for r, s in zip(held, held_states):
@@ -121,6 +123,7 @@ def build_datasets(cfg: Any, model: Any, tok: Any) -> tuple[Any, Any, list[dict]
 
 def model_card(cfg: Any, table: str, base_metrics: dict | None, final: dict | None, guard: str | None) -> str:
     keys = ["consistency_weight", "consistency_warmup_ratio", "consistency_mask", "consistency_normalize",
+            "consistency_loss", "frontier_branches", "frontier_depth",
             "trajectory_source", "max_response_tokens", "learning_rate", "num_train_epochs", "max_steps",
             "per_device_train_batch_size", "gradient_accumulation_steps", "lora_r", "seed"]
     conf = "\n".join(f"- `{k}`: {getattr(cfg, k)}" for k in keys)
@@ -153,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
 
     block: int | str = cfg.max_response_tokens if cfg.eval_block_size == "full" else (
         cfg.eval_block_size if cfg.eval_block_size == "auto" else int(cfg.eval_block_size))
-    loss_kw = {"mask": cfg.consistency_mask, "normalize": cfg.consistency_normalize, "chunk": cfg.kl_chunk}
+    loss_kw = {"mask": cfg.consistency_mask, "normalize": cfg.consistency_normalize, "chunk": cfg.kl_chunk,
+               "kind": cfg.consistency_loss}
     columns: dict[str, dict[str, float]] = {}
     resume = cfg.resume_from_checkpoint
     if resume in ("true", "True", "last"):

@@ -14,6 +14,12 @@ Anti-collapse measures (see docs/training.md for the measurements behind the def
   positions where the student's greedy token already equals the teacher's (nothing left
   to teach for Jacobi there, and pushing further mostly teaches to ignore the prefix);
 - the weight warm-up lives in the trainer (``consistency_weight_at``).
+
+The ``frontier`` rows (see :func:`frontier_rows`) pack, into one forward, the refiner's
+fixed point y* and many one-token branches: a branch is a wrong guess w at answer position
+d that sees only ``[x, y*_<d]`` and itself (a 4D attention mask), so its logit is
+p(. | x, y*_<d, w), exactly what the engine computes for the position right after a missed
+guess; the teacher p(. | x, y*_<=d) is the clean logit at d in the same forward.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 MASKS = ("none", "prefix", "argmax")
 NORMALIZE = ("token", "sum")
+KINDS = ("kl", "ce")
 
 
 @dataclass
@@ -59,6 +66,63 @@ def answer_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
                 logits_to_keep=n + 1, use_cache=False)
     return out.logits[:, :-1]
+
+
+def frontier_rows(prompts: list[list[int]], fixed: list[list[int]], branches: list[list[tuple[int, Any]]],
+                  pad: int) -> dict[str, torch.Tensor]:
+    """Pack ``[x, y*, branches]`` rows for the ``frontier`` consistency term.
+
+    ``fixed`` holds y* cut or padded to N; ``branches`` per row (answer position d, wrong
+    guesses) pairs, the guesses one token w or a run [w_d, w_d+1, ...]. Rows are left-padded
+    so the N answer slots and then the branch slots end every row. A branch token for answer
+    position j = d + i sits at position ``len(x) + j`` and attends to ``x``, ``y*_<d`` and the
+    run up to itself: its logit predicts position j + 1 after i + 1 wrong guesses, and its
+    teacher is the clean logit at j. Padding slots attend to themselves only.
+    """
+    n = len(fixed[0])
+    runs = [[(d, [w] if isinstance(w, int) else list(w)) for d, w in br] for br in branches]
+    k = max(1, max(sum(len(ws) for _, ws in br) for br in runs))
+    width = max(len(p) for p in prompts) + n + k
+    rows = len(prompts)
+    ids = torch.full((rows, width), pad, dtype=torch.long)
+    pos = torch.zeros((rows, width), dtype=torch.long)
+    allow = torch.eye(width, dtype=torch.bool).repeat(rows, 1, 1)
+    bpos = torch.zeros((rows, k), dtype=torch.long)
+    valid = torch.zeros((rows, k), dtype=torch.long)
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    for r, (p, y, br) in enumerate(zip(prompts, fixed, runs)):
+        start = width - k - n - len(p)  # first real slot of this row
+        end = width - k  # end of the y* slots
+        ids[r, start:end] = torch.tensor(list(p) + list(y), dtype=torch.long)
+        pos[r, start:end] = torch.arange(end - start)
+        allow[r, start:end, start:end] = causal[: end - start, : end - start]
+        j = 0  # branch tokens placed so far in this row
+        for d, ws in br:
+            first = end + j
+            for i, w in enumerate(ws):
+                slot = first + i
+                ids[r, slot], pos[r, slot] = w, len(p) + d + i
+                allow[r, slot, start:start + len(p) + d] = True
+                allow[r, slot, first:slot + 1] = True
+                bpos[r, j + i], valid[r, j + i] = d + i, 1
+            j += len(ws)
+    return {"frontier_ids": ids, "frontier_position_ids": pos, "frontier_allow": allow[:, None],
+            "frontier_pos": bpos, "frontier_valid": valid}
+
+
+def frontier_logits(model: Any, batch: dict[str, torch.Tensor], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(teacher, student) logits, (B, K, V) each, for the packed rows of :func:`frontier_rows`."""
+    allow = batch["frontier_allow"]
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", "sdpa") != "sdpa":  # eager & co. add the mask
+        dtype = next(model.parameters()).dtype
+        allow = torch.zeros(allow.shape, dtype=dtype, device=allow.device).masked_fill(~allow, torch.finfo(dtype).min)
+    k = batch["frontier_pos"].shape[1]
+    logits = model(input_ids=batch["frontier_ids"], attention_mask=allow,
+                   position_ids=batch["frontier_position_ids"], logits_to_keep=n + k, use_cache=False).logits
+    clean, student = logits[:, :n], logits[:, n:]
+    index = batch["frontier_pos"][..., None].expand(-1, -1, clean.shape[-1])
+    return clean.gather(1, index).detach(), student
 
 
 def _kl_chunk(t_logits: torch.Tensor, s_logits: torch.Tensor) -> torch.Tensor:
@@ -97,6 +161,12 @@ def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, chunk: 
     return _chunked(_kl_chunk, chunk, teacher_logits.detach(), student_logits)
 
 
+def token_ce_argmax(teacher_logits: torch.Tensor, student_logits: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+    """Cross-entropy of the student toward the teacher's greedy token per position, (B, N):
+    what a Jacobi guess needs is the same argmax, not the same distribution."""
+    return token_nll(student_logits, teacher_logits.detach().argmax(-1), chunk)
+
+
 def token_nll(logits: torch.Tensor, labels: torch.Tensor, chunk: int = 16) -> torch.Tensor:
     """Cross-entropy per position, (B, N)."""
     return _chunked(_nll_chunk, chunk, logits, labels)
@@ -123,7 +193,7 @@ def consistency_mask(student_ans: torch.Tensor, teacher_ans: torch.Tensor, base:
 
 
 def diffpo_loss(model: Any, batch: dict[str, torch.Tensor], weight: float, *, mask: str = "prefix",
-                normalize: str = "token", chunk: int = 16) -> LossOutput:
+                normalize: str = "token", chunk: int = 16, kind: str = "kl") -> LossOutput:
     """L_AR on the target + ``weight`` x L_Con of the student sequence toward the teacher.
 
     ``batch`` (from :class:`~diffpo_sdk.train.trainer.DiffPOCollator`): ``target_ids``,
@@ -132,10 +202,20 @@ def diffpo_loss(model: Any, batch: dict[str, torch.Tensor], weight: float, *, ma
     teacher answer ``teacher_answer``/``teacher_mask`` with a per-row flag
     ``teacher_is_target``. Where the teacher is the target (the paper's source), its
     distribution is the detached logits of the L_AR forward; other rows (Jacobi states,
-    whose teacher is the refiner's own fixed point) get one extra no-grad forward.
+    whose teacher is the refiner's own fixed point) get one extra no-grad forward. A batch
+    from the ``frontier`` source (``frontier_ids`` & co., see :func:`frontier_rows`) has
+    instead one packed forward whose branches are the students and whose clean y* logits
+    are the teachers.
+
+    ``kind``: ``"kl"`` (the paper) or ``"ce"``, cross-entropy toward the teacher's argmax.
     """
     if normalize not in NORMALIZE:
         raise ValueError(f"consistency normalize {normalize!r}: use one of {NORMALIZE}")
+    if kind not in KINDS:
+        raise ValueError(f"consistency loss {kind!r}: use one of {KINDS}")
+    if mask not in MASKS:
+        raise ValueError(f"consistency mask {mask!r}: use one of {MASKS}")
+    divergence = token_kl if kind == "kl" else token_ce_argmax
     n = batch["target_answer"].shape[1]
     t_logits = answer_logits(model, batch["target_ids"], batch["target_attention_mask"], n)
     tmask = batch["target_mask"].float()
@@ -143,8 +223,19 @@ def diffpo_loss(model: Any, batch: dict[str, torch.Tensor], weight: float, *, ma
     ar = (nll * tmask).sum() / tmask.sum().clamp(min=1)
 
     zero = ar.new_zeros(())
-    if weight == 0 or "student_ids" not in batch:
+    if weight == 0 or ("student_ids" not in batch and "frontier_ids" not in batch):
         return LossOutput(ar, ar.detach(), zero, weight, 0)
+
+    if "frontier_ids" in batch:
+        teacher, s_logits = frontier_logits(model, batch, n)
+        div = divergence(teacher, s_logits, chunk)
+        cmask = batch["frontier_valid"].float()
+        if mask == "argmax":
+            with torch.no_grad():
+                cmask = cmask * (teacher.argmax(-1) != s_logits.argmax(-1)).float()
+        total = (div * cmask).sum()
+        con = total / cmask.sum().clamp(min=1) if normalize == "token" else total / div.shape[0]
+        return LossOutput(ar + weight * con, ar.detach(), con.detach(), weight, int(cmask.sum()))
 
     teacher = t_logits.detach()
     is_target = batch["teacher_is_target"].bool()
@@ -153,7 +244,7 @@ def diffpo_loss(model: Any, batch: dict[str, torch.Tensor], weight: float, *, ma
             other = answer_logits(model, batch["teacher_ids"], batch["teacher_attention_mask"], n)
         teacher = torch.where(is_target[:, None, None], teacher, other)
     s_logits = answer_logits(model, batch["student_ids"], batch["student_attention_mask"], n)
-    kl = token_kl(teacher, s_logits, chunk)
+    kl = divergence(teacher, s_logits, chunk)
     cmask = consistency_mask(batch["student_answer"], batch["teacher_answer"], batch["teacher_mask"], mask,
                              teacher, s_logits)
     total = (kl * cmask).sum()

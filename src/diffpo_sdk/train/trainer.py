@@ -21,13 +21,13 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
 from ..engine import templating
-from .evaluate import heldout_losses, repetition_rate
-from .loss import answer_mask, diffpo_loss, pad_answer
+from .evaluate import heldout_losses, refine_metrics, repetition_rate
+from .loss import answer_mask, diffpo_loss, frontier_rows, pad_answer
 from .states import greedy_answers
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("answers", "jacobi", "mix")
+SOURCES = ("answers", "jacobi", "mix", "frontier")
 
 
 @dataclass
@@ -46,8 +46,11 @@ class DiffPOConfig(TrainingArguments):
     consistency_warmup_ratio: float = field(default=0.3, metadata={"help": "w ramps linearly from 0 over this share of the steps"})
     consistency_mask: str = field(default="argmax", metadata={"help": "none | prefix | argmax (which positions L_Con counts)"})
     consistency_normalize: str = field(default="token", metadata={"help": "token (mean over counted positions) | sum (paper: sum over N)"})
+    consistency_loss: str = field(default="kl", metadata={"help": "kl (paper) | ce (cross-entropy toward the teacher's greedy token)"})
+    frontier_branches: int | None = field(default=None, metadata={"help": "frontier source: branch tokens per row (default N)"})
+    frontier_depth: int = field(default=1, metadata={"help": "frontier source: wrong guesses per branch (1: the token right after a miss)"})
     kl_chunk: int = field(default=16, metadata={"help": "positions per vocabulary-sized softmax chunk (memory bound)"})
-    trajectory_source: str = field(default="jacobi", metadata={"help": "answers (paper: other models' answers) | jacobi (own Jacobi states) | mix"})
+    trajectory_source: str = field(default="jacobi", metadata={"help": "answers (paper: other models' answers) | jacobi (own Jacobi states) | mix | frontier (one-token branches off the fixed point, from the Jacobi states)"})
     jacobi_states_per_prompt: int = field(default=2, metadata={"help": "partial Jacobi states generated per training prompt"})
     jacobi_states_dir: str | None = field(default=None, metadata={"help": "where generated states are cached (default: output_dir); share it between runs"})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 = full fine-tune"})
@@ -79,17 +82,22 @@ class TrajectoryDataset(Dataset):
 
     - source ``answers`` (paper): a lower-ranked answer, teacher = the target y^(T);
     - source ``jacobi``: a partial Jacobi state of the refiner, teacher = its fixed point y*;
-    - ``mix``: either, with equal odds.
+    - ``mix``: either, with equal odds;
+    - ``frontier``: the fixed point y* plus branches (position d, wrong guesses) taken from
+      the Jacobi states wherever a state's token differs from y*, at most ``branches``
+      tokens, runs of ``depth``; the collator packs them into one forward
+      (:func:`~diffpo_sdk.train.loss.frontier_rows`).
     """
 
     def __init__(self, records: list[dict], tokenizer: Any, n: int, max_prompt_tokens: int = 512,
                  source: str = "answers", states: list[dict] | None = None, seed: int = 0,
-                 stop_ids: set[int] | None = None):
+                 stop_ids: set[int] | None = None, branches: int | None = None, depth: int = 1):
         if source not in SOURCES:
             raise ValueError(f"trajectory source {source!r}: use one of {SOURCES}")
         if source != "answers" and states is None:
             raise ValueError(f"trajectory source {source!r} needs Jacobi states (see diffpo_sdk.train.states)")
         self.n, self.source, self.rng = n, source, random.Random(seed)
+        self.branches, self.depth = branches or n, max(1, depth)
         self.pad = templating.ensure_pad_token(tokenizer)
         self.stop_ids = stop_ids or templating.stop_token_ids(tokenizer)
         # the engine's filler: the pad token when it is a stop token, else the smallest stop id
@@ -109,6 +117,11 @@ class TrajectoryDataset(Dataset):
         """Answer tokens + the stop token; ``padded`` then cuts/pads to N like an engine draft."""
         return templating.draft_ids(tokenizer, text) + [self.eot]
 
+    def draft_items(self, k: int | None = None) -> list[dict[str, Any]]:
+        """Engine items for the first ``k`` prompts: the lowest-ranked other answer as the draft."""
+        recs = self.records[:k] if k is not None else self.records
+        return [{"messages": r["messages"], "draft": (r.get("others") or [r["target"]])[0]} for r in recs]
+
     def padded(self, ids: list[int]) -> list[int]:
         return pad_answer(ids, self.n, self.eot)
 
@@ -124,6 +137,9 @@ class TrajectoryDataset(Dataset):
     def get(self, i: int, deterministic: bool = False) -> dict[str, Any]:
         item = self.items[i]
         rng = random.Random(i) if deterministic else self.rng
+        if self.source == "frontier":
+            return {"prompt": item["prompt"], "target": self.padded(item["target"]),
+                    "target_mask": self.answer_mask(item["target"]), **self.frontier(item, rng)}
         use_states = self.source == "jacobi" or (self.source == "mix" and rng.random() < 0.5)
         if (use_states and item.get("states")) or not item["others"]:
             fixed = item.get("fixed_point") or item["target"]
@@ -136,6 +152,24 @@ class TrajectoryDataset(Dataset):
                 "target_mask": self.answer_mask(item["target"]), "student": self.padded(student)[: self.n],
                 "teacher": self.padded(teacher), "teacher_mask": self.answer_mask(teacher),
                 "teacher_is_target": is_target}
+
+
+    def frontier(self, item: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+        """y* cut/padded to N and the branches: at every position d where a Jacobi state's
+        token differs from y*_d (and d + 1 is still an answer position), the state's next
+        ``depth`` tokens as a run; a random subset of at most ``branches`` tokens in all."""
+        y = item.get("fixed_point") or item["target"]
+        fixed = self.padded(y)
+        last = min(len(y) - 2, self.n - 2)  # d + 1 must be an answer position (its stop included)
+        runs = sorted({(d, tuple(int(t) for t in s[d:min(d + self.depth, last + 1)]))
+                       for s in item.get("states", []) for d in range(min(last + 1, len(s))) if s[d] != fixed[d]})
+        rng.shuffle(runs)
+        chosen, used = [], 0
+        for d, ws in runs:
+            if used + len(ws) <= self.branches:
+                chosen.append((d, list(ws)))
+                used += len(ws)
+        return {"fixed": fixed, "branches": sorted(chosen)}
 
 
 class DiffPOCollator:
@@ -157,6 +191,13 @@ class DiffPOCollator:
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         prompts = [f["prompt"] for f in features]
         out: dict[str, torch.Tensor] = {}
+        if "branches" in features[0]:  # the frontier source: target rows + packed branch rows
+            out["target_ids"], out["target_attention_mask"] = self._rows(prompts, [f["target"] for f in features])
+            out["target_answer"] = torch.tensor([f["target"] for f in features], dtype=torch.long)
+            out["target_mask"] = torch.tensor([f["target_mask"] for f in features], dtype=torch.long)
+            out.update(frontier_rows(prompts, [f["fixed"] for f in features], [f["branches"] for f in features],
+                                     self.pad_id))
+            return out
         for name in ("target", "student", "teacher"):
             answers = [f[name] for f in features]
             out[f"{name}_ids"], out[f"{name}_attention_mask"] = self._rows(prompts, answers)
@@ -193,7 +234,7 @@ class DiffPOTrainer(Trainer):
 
     def loss_kwargs(self) -> dict[str, Any]:
         return {"mask": self.args.consistency_mask, "normalize": self.args.consistency_normalize,
-                "chunk": self.args.kl_chunk}
+                "chunk": self.args.kl_chunk, "kind": self.args.consistency_loss}
 
     def compute_loss(self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
@@ -220,7 +261,14 @@ class DiffPOTrainer(Trainer):
         metrics = heldout_losses(model, ds, self.data_collator, self.args.per_device_eval_batch_size,
                                  weight=self.args.consistency_weight, **self.loss_kwargs())
         k = min(self.args.guard_prompts, len(ds))
-        if k:
+        items = ds.draft_items(k) if self.processing_class is not None else []
+        if items:
+            # the engine refining held-out drafts at full Jacobi: its output is the greedy answer
+            # (repetition), and the passes it takes are the speed we train for
+            refined = refine_metrics(model, self.processing_class, items, ds.n, ds.n)
+            metrics["repetition"] = refined["repetition"]
+            metrics["passes_per_token_drafts"] = refined["passes_per_token"]
+        elif k:
             was = model.training
             outs = greedy_answers(model, [ds.items[i]["prompt"] for i in range(k)], ds.n, ds.stop_ids, ds.pad)
             model.train(was)
