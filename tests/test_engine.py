@@ -167,6 +167,15 @@ def test_policy_goes_wide_on_good_drafts_and_narrow_on_bad_ones():
         gpu_like.record(1, 1, 0.010)
         gpu_like.record(1, 64, 0.011)
     assert gpu_like.choose([R(0.5)], [1], room=128) > 1
+    # measured on 2 CPU cores: a 1-token pass is a matrix-vector product, cheaper than any
+    # wider pass, while 2 to 16 tokens cost about the same; a line through them misleads
+    stepped = BlockPolicy()
+    for width, ms in [(1, 77), (2, 110), (8, 101), (16, 108), (64, 207), (128, 356)]:
+        stepped.record(1, width, ms / 1000)
+    assert stepped.cost(4) > 1.25 * stepped.cost(1)
+    assert stepped.choose([R(0.1)], [1], room=128) == 1
+    assert stepped.choose([R(0.5)], [1], room=128) in (8, 16)  # never 2: it costs what 16 costs
+    assert stepped.choose([R(0.999)], [1], room=128) == 128
 
 
 def test_a_tokenization_miss_rewrites_the_rest_of_the_draft(smollm2_path):

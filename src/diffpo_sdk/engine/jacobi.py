@@ -7,11 +7,13 @@ their prediction are verified; the first prediction after them is verified too. 
 pass commits between 1 and ``block`` tokens per row, and the committed answer equals
 greedy autoregressive decoding token for token (the fixed point).
 
-Cache layout: row r occupies slots ``[o_r pads][prompt][answer...]``, left-padded so that
-every row has the same number of cached slots S. After a pass the cache keeps the first
-``k = min_r(valid_r)`` fed slots of every row and drops the rest (a plain crop, which also
-works for sliding-window layers), so nothing accepted is ever recomputed except the few
-verified-but-uncached tokens of rows that ran ahead of the slowest row.
+Cache layout: every row has the same number of cache slots; row r holds ``[pads][prompt]``
+(left-padded) and then its answer. After a pass the cache keeps the fed slots up to the
+row that verified most; in rows that verified fewer, the rest of that span becomes holes,
+masked in attention and skipped by position ids, so no row ever feeds a token twice and a
+fast row never makes the others pay for its lead. Models with sliding-window layers
+(Gemma-2), where a hole would widen the window, keep only the span every row verified
+(a plain crop); rows that ran ahead feed their few extra tokens again next pass.
 """
 
 from __future__ import annotations
@@ -198,31 +200,36 @@ def jacobi_decode(
     live = list(range(len(rows)))
     p_max = max(len(r.prompt) for r in rows)
     offsets = torch.tensor([p_max - len(r.prompt) for r in rows], device=device)
-    # Slot-space view of each row: committed tokens (pads + prompt + answer) and how many are cached.
+    # Each row's committed tokens (left pads + prompt + answer) and how many of them are cached.
     committed: list[list[int]] = [[pad_id] * (p_max - len(r.prompt)) + list(r.prompt) for r in rows]
-    S = 0  # cached slots, the same for every live row
+    cached = torch.zeros(len(rows), dtype=torch.long, device=device)
+    slot_mask = torch.zeros((len(rows), 0), dtype=torch.long, device=device)  # 0: pad or hole
+    holes = not _has_sliding_window(model.config)
 
     while live:
-        uncached = [len(committed[i]) - S for i in live]
+        n_cached = cached.tolist()
+        uncached = [len(committed[i]) - n for i, n in zip(live, n_cached)]
         u_max = max(uncached)
         room = max(N - len(rows[i].answer) for i in live)
         if block_size is not None:
             block = min(block_size, room)
         else:
             assert policy is not None
-            block = policy.choose([rows[i] for i in live], uncached, room, first=S == 0)
+            block = policy.choose([rows[i] for i in live], uncached, room, first=slot_mask.shape[1] == 0)
         W = u_max + block - 1
 
         fed_rows = []
         for j, i in enumerate(live):
             c, u = len(rows[i].answer), uncached[j]
             g = rows[i].guess[c : c + W - u]
-            fed_rows.append(committed[i][S:] + g + [pad_id] * (W - u - len(g)))
+            fed_rows.append(committed[i][n_cached[j] :] + g + [pad_id] * (W - u - len(g)))
         fed = torch.tensor(fed_rows, dtype=torch.long).to(device, non_blocking=True)
 
-        slots = torch.arange(S + W, device=device)
-        attention_mask = (slots[None, :] >= offsets[:, None]).long()
-        position_ids = (slots[None, S:] - offsets[:, None]).clamp_min(0)
+        steps = torch.arange(W, device=device)
+        position_ids = (cached - offsets)[:, None] + steps[None, :]
+        fed_mask = (position_ids >= 0).long()  # left pads of the first pass
+        attention_mask = torch.cat([slot_mask, fed_mask], dim=1)
+        position_ids = position_ids.clamp_min(0)
         keep = W - min(uncached) + 1  # logits from the last committed token of the row with most
         t0 = time.perf_counter()
         out = model(
@@ -235,10 +242,10 @@ def jacobi_decode(
         )
         preds = out.logits.argmax(dim=-1).tolist()  # the one host sync per pass
         if policy is not None:
-            policy.record(len(live), W, time.perf_counter() - t0, first=S == 0)
+            policy.record(len(live), W, time.perf_counter() - t0)
         del out
 
-        valid = []
+        valid, valid_all = [], []
         for j, i in enumerate(live):
             r, u = rows[i], uncached[j]
             c = len(r.answer)
@@ -278,22 +285,37 @@ def jacobi_decode(
                 on_tokens(i, new)
             if not r.done and is_cancelled is not None and is_cancelled(i):
                 r.finish_reason = "cancelled"
+            valid_all.append(u + m)
             if not r.done:
                 valid.append(u + m)
 
         if not valid:
             break
-        k = min(valid)  # fed slots that hold right tokens in every row still decoding
+        # Keep the fed slots that hold right tokens. Rows that verified fewer than the row that
+        # verified most get holes (masked slots, skipped by position ids) in the kept span; on
+        # sliding-window models, where a hole would widen the window, the span is cut to the
+        # slowest row instead and faster rows feed their extra tokens again next pass.
+        k = max(valid) if holes else min(valid)
         cache.crop(-(W - k))
-        S += k
+        took = torch.tensor([min(v, k) for v in valid_all], device=device)
+        slot_mask = torch.cat([slot_mask, fed_mask[:, :k] * (steps[None, :k] < took[:, None])], dim=1)
+        cached = cached + took
 
         keep_rows = [j for j, i in enumerate(live) if not rows[i].done]
         if len(keep_rows) < len(live):
             if keep_rows:
                 idx = torch.tensor(keep_rows, device=device)
                 cache.batch_select_indices(idx)
-                offsets = offsets[idx]
+                offsets, cached, slot_mask = offsets[idx], cached[idx], slot_mask[idx]
             live = [live[j] for j in keep_rows]
+
+
+def _has_sliding_window(config: Any) -> bool:
+    """Whether any attention layer sees only a window of recent cache slots (Gemma-2, Mistral)."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return any("sliding" in str(t) for t in layer_types)
+    return bool(getattr(config, "sliding_window", None)) and bool(getattr(config, "use_sliding_window", True))
 
 
 def _commit(row: Row, tokens: list[int], stop_ids: set[int], limit: int) -> list[int]:

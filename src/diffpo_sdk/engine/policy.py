@@ -5,9 +5,11 @@ goes, so the choice fits the draft *and* the device it runs on:
 
 - per row, p = P(the guess for the next position is right | the prefix is right), a
   recency-weighted rate; a pass of width B then decides E(B) = 1 + p + ... + p^(B-1) tokens;
-- per engine, the seconds a pass costs as a function of the tokens it feeds, fitted online
-  as t = a + b * tokens (on a CPU a 16-token pass costs ~2x a 1-token one; on a GPU
-  nearly the same).
+- per engine, the seconds a pass costs as a function of the tokens it feeds, measured per
+  power-of-two bucket and interpolated between them. The curve is not a line: on a CPU a
+  1-token pass is a matrix-vector product and a 2-token pass a matrix-matrix one, 1.4x
+  dearer, yet a 16-token pass costs about what a 2-token pass does; on a GPU it is nearly
+  flat until the device saturates.
 
 Each pass takes the width with the most expected tokens per second. When drafts are poor
 (p ~ 0.07) that is width 1, plain autoregressive decoding, so refinement never costs
@@ -17,6 +19,7 @@ meaningfully more than generating; when the draft is already the refiner's own a
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -27,41 +30,38 @@ WIDTHS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 class BlockPolicy:
     """Chooses the width of every pass from measured acceptance and measured pass cost."""
 
-    def __init__(self, max_block: int = 256, decay: float = 0.98) -> None:
+    def __init__(self, max_block: int = 256, smoothing: float = 0.2) -> None:
         self.max_block = max_block
-        self.decay = decay
-        # decayed sums for the least-squares fit of seconds = a + b * tokens
-        self._n = self._sx = self._sy = self._sxx = self._sxy = 0.0
+        self.smoothing = smoothing
+        # power-of-two bucket of tokens fed -> (tokens, seconds, passes): a running mean that
+        # turns into a moving average, so the curve follows a device whose load changes
+        self._points: dict[int, tuple[float, float, int]] = {}
         self._lock = threading.Lock()
 
-    def record(self, rows: int, width: int, seconds: float, first: bool = False) -> None:
-        """Add one measured pass. The first pass of a batch also prefills: not representative."""
-        if first:
-            return
+    def record(self, rows: int, width: int, seconds: float) -> None:
+        """Add one measured pass of ``rows`` x ``width`` fed tokens (a prefill pass counts too)."""
         x = float(rows * width)
+        bucket = 1 << max(0, round(math.log2(x)))
         with self._lock:
-            d = self.decay
-            self._n = self._n * d + 1
-            self._sx = self._sx * d + x
-            self._sy = self._sy * d + seconds
-            self._sxx = self._sxx * d + x * x
-            self._sxy = self._sxy * d + x * seconds
+            x0, y0, n = self._points.get(bucket, (0.0, 0.0, 0))
+            a = max(self.smoothing, 1.0 / (n + 1))
+            self._points[bucket] = (x0 + a * (x - x0), y0 + a * (seconds - y0), n + 1)
 
     def cost(self, tokens: float) -> float:
         """Predicted seconds for a pass feeding ``tokens`` tokens (relative scale is what matters)."""
         with self._lock:
-            n, sx, sy, sxx, sxy = self._n, self._sx, self._sy, self._sxx, self._sxy
-        if n < 1e-9:
+            points = sorted((x, y) for x, y, _ in self._points.values())
+        if not points:
             return 1.0 + tokens / 16.0  # prior: a CPU-like device until measured
-        mean_x, mean_y = sx / n, sy / n
-        var = sxx / n - mean_x**2
-        if var <= 1e-6 * max(mean_x, 1.0) ** 2:
-            # one width seen so far: assume the CPU-like slope relative to it
-            a = mean_y / (1.0 + mean_x / 16.0)
-            return a * (1.0 + tokens / 16.0)
-        b = max((sxy / n - mean_x * mean_y) / var, 0.0)
-        a = max(mean_y - b * mean_x, 1e-6)
-        return a + b * tokens
+        below = [p for p in points if p[0] <= tokens]
+        above = [p for p in points if p[0] >= tokens]
+        if below and above:
+            (x0, y0), (x1, y1) = below[-1], above[0]
+            return y0 if x1 <= x0 else y0 + (y1 - y0) * (tokens - x0) / (x1 - x0)
+        if above:  # fewer tokens than any pass measured: no cheaper than the smallest
+            return above[0][1]
+        x0, y0 = below[-1]  # more than any measured: at most proportional growth
+        return y0 * tokens / x0
 
     def choose(self, rows: Sequence[Any], uncached: Sequence[int], room: int, first: bool = False) -> int:
         """Width B (answer positions decided per pass) for the next pass of these rows.
@@ -86,7 +86,7 @@ class BlockPolicy:
                 best, best_rate = block, rate
         return best
 
-    def calibrate(self, model: Any, device: Any, widths: Sequence[int] = (1, 1, 16, 16, 64)) -> None:
+    def calibrate(self, model: Any, device: Any, widths: Sequence[int] = (1, 2, 8, 16, 64, 1, 2, 8, 16, 64)) -> None:
         """Time a few passes on a short dummy context so the first real choice is informed."""
         import time
 
@@ -96,6 +96,7 @@ class BlockPolicy:
 
         kw = _cache_kwarg(model)
         with torch.inference_mode():
+            model(input_ids=torch.zeros((1, 8), dtype=torch.long, device=device))  # first-call costs
             for w in widths:
                 cache = _new_cache(model)
                 model(input_ids=torch.zeros((1, 32), dtype=torch.long, device=device), use_cache=True, **{kw: cache})
