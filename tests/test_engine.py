@@ -176,6 +176,16 @@ def test_policy_goes_wide_on_good_drafts_and_narrow_on_bad_ones():
     assert stepped.choose([R(0.1)], [1], room=128) == 1
     assert stepped.choose([R(0.5)], [1], room=128) in (8, 16)  # never 2: it costs what 16 costs
     assert stepped.choose([R(0.999)], [1], room=128) == 128
+    # a 1-token pass measured during a load spike looks dear; it gets re-measured in time
+    spiked = BlockPolicy(refresh_every=8)
+    spiked.record(1, 1, 1.0)
+    for _ in range(5):
+        spiked.record(1, 2, 0.110)
+        spiked.record(1, 16, 0.108)
+    assert spiked.choose([R(0.1)], [1], room=128) == 1  # stale: measure AR again
+    for _ in range(2):
+        spiked.record(1, 1, 0.077)
+    assert spiked.choose([R(0.1)], [1], room=128) == 1  # and now it is cheaper anyway
 
 
 def test_a_tokenization_miss_rewrites_the_rest_of_the_draft(smollm2_path):

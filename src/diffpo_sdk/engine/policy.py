@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import deque
 from collections.abc import Sequence
+from statistics import median
 from typing import Any
 
 WIDTHS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -30,27 +32,30 @@ WIDTHS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 class BlockPolicy:
     """Chooses the width of every pass from measured acceptance and measured pass cost."""
 
-    def __init__(self, max_block: int = 256, smoothing: float = 0.2) -> None:
+    def __init__(self, max_block: int = 256, window: int = 5, refresh_every: int = 32) -> None:
         self.max_block = max_block
-        self.smoothing = smoothing
-        # power-of-two bucket of tokens fed -> (tokens, seconds, passes): a running mean that
-        # turns into a moving average, so the curve follows a device whose load changes
-        self._points: dict[int, tuple[float, float, int]] = {}
+        self.window = window
+        self.refresh_every = refresh_every
+        # power-of-two bucket of tokens fed -> its latest passes as (tokens, seconds); the
+        # median of a few recent ones follows a device whose load changes and shrugs off spikes
+        self._points: dict[int, deque[tuple[float, float]]] = {}
+        self._passes = 0
+        self._seen: dict[int, int] = {}  # bucket -> pass count when last measured
         self._lock = threading.Lock()
 
     def record(self, rows: int, width: int, seconds: float) -> None:
         """Add one measured pass of ``rows`` x ``width`` fed tokens (a prefill pass counts too)."""
         x = float(rows * width)
-        bucket = 1 << max(0, round(math.log2(x)))
+        bucket = _bucket(x)
         with self._lock:
-            x0, y0, n = self._points.get(bucket, (0.0, 0.0, 0))
-            a = max(self.smoothing, 1.0 / (n + 1))
-            self._points[bucket] = (x0 + a * (x - x0), y0 + a * (seconds - y0), n + 1)
+            self._passes += 1
+            self._seen[bucket] = self._passes
+            self._points.setdefault(bucket, deque(maxlen=self.window)).append((x, seconds))
 
     def cost(self, tokens: float) -> float:
         """Predicted seconds for a pass feeding ``tokens`` tokens (relative scale is what matters)."""
         with self._lock:
-            points = sorted((x, y) for x, y, _ in self._points.values())
+            points = sorted((median(x for x, _ in d), median(y for _, y in d)) for d in self._points.values())
         if not points:
             return 1.0 + tokens / 16.0  # prior: a CPU-like device until measured
         below = [p for p in points if p[0] <= tokens]
@@ -84,7 +89,12 @@ class BlockPolicy:
             rate = tokens / self.cost(len(rows) * width)
             if rate > best_rate * 1.02:  # a wider pass must clearly pay
                 best, best_rate = block, rate
-        return best
+        # The narrowest pass is only measured when chosen: one measured during a load spike
+        # would look dear for ever. So it is re-measured now and then (it is plain AR, the
+        # safe choice), which keeps "never slower than AR" true on a device whose load moves.
+        with self._lock:
+            stale = self._passes - self._seen.get(_bucket(len(rows) * u_max), -(1 << 30)) > self.refresh_every
+        return 1 if best > 1 and stale else best
 
     def calibrate(self, model: Any, device: Any, widths: Sequence[int] = (1, 2, 8, 16, 64, 1, 2, 8, 16, 64)) -> None:
         """Time a few passes on a short dummy context so the first real choice is informed."""
@@ -105,6 +115,10 @@ class BlockPolicy:
                 out = model(input_ids=ids, use_cache=True, logits_to_keep=w, **{kw: cache})
                 out.logits.argmax(-1).tolist()
                 self.record(1, w, time.perf_counter() - t0)
+
+
+def _bucket(tokens: float) -> int:
+    return 1 << max(0, round(math.log2(max(tokens, 1.0))))
 
 
 def _expected(p: float, block: int) -> float:
