@@ -296,7 +296,8 @@ def jacobi_decode(
         # sliding-window models, where a hole would widen the window, the span is cut to the
         # slowest row instead and faster rows feed their extra tokens again next pass.
         k = max(valid) if holes else min(valid)
-        cache.crop(-(W - k))
+        if W > k:
+            cache.crop(-(W - k))
         took = torch.tensor([min(v, k) for v in valid_all], device=device)
         slot_mask = torch.cat([slot_mask, fed_mask[:, :k] * (steps[None, :k] < took[:, None])], dim=1)
         cached = cached + took
