@@ -245,7 +245,7 @@ def jacobi_decode(
             policy.record(len(live), W, time.perf_counter() - t0)
         del out
 
-        valid, valid_all = [], []
+        verified = []  # per batch row: fed slots holding right tokens
         for j, i in enumerate(live):
             r, u = rows[i], uncached[j]
             c = len(r.answer)
@@ -285,10 +285,9 @@ def jacobi_decode(
                 on_tokens(i, new)
             if not r.done and is_cancelled is not None and is_cancelled(i):
                 r.finish_reason = "cancelled"
-            valid_all.append(u + m)
-            if not r.done:
-                valid.append(u + m)
+            verified.append(u + m)
 
+        valid = [v for v, i in zip(verified, live) if not rows[i].done]
         if not valid:
             break
         # Keep the fed slots that hold right tokens. Rows that verified fewer than the row that
@@ -298,7 +297,7 @@ def jacobi_decode(
         k = max(valid) if holes else min(valid)
         if W > k:
             cache.crop(-(W - k))
-        took = torch.tensor([min(v, k) for v in valid_all], device=device)
+        took = torch.tensor([min(v, k) for v in verified], device=device)
         slot_mask = torch.cat([slot_mask, fed_mask[:, :k] * (steps[None, :k] < took[:, None])], dim=1)
         cached = cached + took
 

@@ -54,19 +54,12 @@ class BlockPolicy:
 
     def cost(self, tokens: float) -> float:
         """Predicted seconds for a pass feeding ``tokens`` tokens (relative scale is what matters)."""
+        return _interpolate(self._curve(), tokens)
+
+    def _curve(self) -> list[tuple[float, float]]:
+        """(tokens, seconds) per measured bucket, the median of its latest passes, by tokens."""
         with self._lock:
-            points = sorted((median(x for x, _ in d), median(y for _, y in d)) for d in self._points.values())
-        if not points:
-            return 1.0 + tokens / 16.0  # prior: a CPU-like device until measured
-        below = [p for p in points if p[0] <= tokens]
-        above = [p for p in points if p[0] >= tokens]
-        if below and above:
-            (x0, y0), (x1, y1) = below[-1], above[0]
-            return y0 if x1 <= x0 else y0 + (y1 - y0) * (tokens - x0) / (x1 - x0)
-        if above:  # fewer tokens than any pass measured: no cheaper than the smallest
-            return above[0][1]
-        x0, y0 = below[-1]  # more than any measured: at most proportional growth
-        return y0 * tokens / x0
+            return sorted((median(x for x, _ in d), median(y for _, y in d)) for d in self._points.values())
 
     def choose(self, rows: Sequence[Any], uncached: Sequence[int], room: int, first: bool = False) -> int:
         """Width B (answer positions decided per pass) for the next pass of these rows.
@@ -78,15 +71,16 @@ class BlockPolicy:
         u_max = max(uncached)
         limit = max(1, min(room, self.max_block))
         candidates = [b for b in WIDTHS if b < limit] + [limit]  # the whole remaining budget too
+        curve = self._curve()  # once per choice: this runs before every pass
         if first:
-            budget = 1.25 * self.cost(len(rows) * u_max)
-            fits = [b for b in candidates if self.cost(len(rows) * (u_max + b - 1)) <= budget]
+            budget = 1.25 * _interpolate(curve, len(rows) * u_max)
+            fits = [b for b in candidates if _interpolate(curve, len(rows) * (u_max + b - 1)) <= budget]
             return max(fits, default=1)
         best, best_rate = 1, -1.0
         for block in candidates:
             width = u_max + block - 1
             tokens = sum(_expected(r.acceptance, width - u + 1) for r, u in zip(rows, uncached))
-            rate = tokens / self.cost(len(rows) * width)
+            rate = tokens / _interpolate(curve, len(rows) * width)
             if rate > best_rate * 1.02:  # a wider pass must clearly pay
                 best, best_rate = block, rate
         # The narrowest pass is only measured when chosen: one measured during a load spike
@@ -115,6 +109,21 @@ class BlockPolicy:
                 out = model(input_ids=ids, use_cache=True, logits_to_keep=w, **{kw: cache})
                 out.logits.argmax(-1).tolist()
                 self.record(1, w, time.perf_counter() - t0)
+
+
+def _interpolate(points: list[tuple[float, float]], tokens: float) -> float:
+    """Piecewise-linear seconds between measured points; flat below the first, proportional above the last."""
+    if not points:
+        return 1.0 + tokens / 16.0  # prior: a CPU-like device until measured
+    below = [p for p in points if p[0] <= tokens]
+    above = [p for p in points if p[0] >= tokens]
+    if below and above:
+        (x0, y0), (x1, y1) = below[-1], above[0]
+        return y0 if x1 <= x0 else y0 + (y1 - y0) * (tokens - x0) / (x1 - x0)
+    if above:  # fewer tokens than any pass measured: no cheaper than the smallest
+        return above[0][1]
+    x0, y0 = below[-1]  # more than any measured: at most proportional growth
+    return y0 * tokens / x0
 
 
 def _bucket(tokens: float) -> int:

@@ -153,7 +153,6 @@ class TrajectoryDataset(Dataset):
                 "teacher": self.padded(teacher), "teacher_mask": self.answer_mask(teacher),
                 "teacher_is_target": is_target}
 
-
     def frontier(self, item: dict[str, Any], rng: random.Random) -> dict[str, Any]:
         """y* cut/padded to N and the branches: at every position d where a Jacobi state's
         token differs from y*_d (and d + 1 is still an answer position), the state's next
