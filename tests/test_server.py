@@ -129,9 +129,12 @@ async def test_client_disconnect_stops_the_work(tiny_engine, start_server):
     spin = SpinUntilCancelled(tiny_engine)
     url, _ = start_server(spin, max_batch_items=1)
     req = body([{"prompt": "Hi", "draft": "running"}], max_new_tokens=4)
-    async with httpx.AsyncClient(base_url=url, timeout=0.8) as c:
+    async with httpx.AsyncClient(base_url=url, timeout=0.8) as c, httpx.AsyncClient(base_url=url, timeout=0.4) as q:
         running = asyncio.create_task(c.post("/v1/refine", json=req))
-        queued = asyncio.create_task(c.post("/v1/refine", json=body([{"prompt": "Hi", "draft": "queued"}], max_new_tokens=4)))
+        # the second request only once the first holds the engine (two connections race otherwise),
+        # and it gives up first, while the first still holds it
+        assert await asyncio.to_thread(spin.entered.wait, 10)
+        queued = asyncio.create_task(q.post("/v1/refine", json=body([{"prompt": "Hi", "draft": "queued"}], max_new_tokens=4)))
         for t in (running, queued):
             with pytest.raises(httpx.ReadTimeout):  # the clients give up and close their connections
                 await t
