@@ -95,6 +95,7 @@ async def test_deadline_gives_503_and_drops_the_work(tiny_engine, start_server):
     url, _ = start_server(gated, request_timeout=0.5, max_batch_items=1)
     async with httpx.AsyncClient(base_url=url, timeout=30) as c:
         first = asyncio.create_task(c.post("/v1/refine", json=body([{"prompt": "A", "draft": "first"}], max_new_tokens=4)))
+        assert await asyncio.to_thread(gated.entered.wait, 10)  # the second queues behind it, never races it
         second = asyncio.create_task(c.post("/v1/refine", json=body([{"prompt": "B", "draft": "second"}], max_new_tokens=4)))
         r1, r2 = await asyncio.gather(first, second)
         gated.gate.set()
