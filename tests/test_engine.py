@@ -86,6 +86,37 @@ def test_max_batch_size_splits_without_changing_outputs(tiny_llama_dir):
     assert [r.token_ids for r in engine.refine(items, block_size=4, max_new_tokens=12)] == refs
 
 
+def test_rows_join_a_running_batch_and_stay_exact(tiny_llama_dir, monkeypatch):
+    """Continuous batching: items handed over between passes join the running batch; every
+    answer stays greedy, results arrive as items finish, and dead cache slots are cut."""
+    from diffpo_sdk.engine import jacobi
+
+    engine = RefinerEngine.from_pretrained(tiny_llama_dir, device="cpu", dtype="float32", calibrate=False, max_batch_size=3)
+    items = [{"prompt": "Tell me about item number %d. " % k * (1 + k % 4), "draft": "It is %d." % k} for k in range(9)]
+    refs = [greedy_reference(engine, it, 20) for it in items]
+    waiting = list(items[1:])
+    asked: list[tuple[int, int]] = []  # (rows decoding, items handed over)
+
+    def more(n: int) -> list[dict]:
+        handed = [waiting.pop(0) for _ in range(min(n, len(waiting), 1))]  # one per pass: staggered joins
+        asked.append((3 - n, len(handed)))
+        return handed
+
+    cuts = []
+    real_slice = jacobi._slice_slots
+    monkeypatch.setattr(jacobi, "_slice_slots", lambda cache, lo: (cuts.append(lo), real_slice(cache, lo)))
+    delivered: list[tuple[int, int]] = []  # (item, items still waiting then)
+    results = engine.refine(items[:1], block_size=3, max_new_tokens=20, more=more,
+                            on_result=lambda i, r: delivered.append((i, len(waiting))))
+    assert not waiting and len(results) == len(items)
+    assert [r.token_ids for r in results] == refs
+    assert sorted(i for i, _ in delivered) == list(range(len(items)))
+    assert delivered[0][1] > 0  # the first result went out while later items had not even joined
+    assert any(live >= 1 and handed for live, handed in asked)  # joined while others were decoding
+    assert all(live < 3 for live, handed in asked)  # never asked beyond max_batch_size
+    assert cuts and min(cuts) >= 32
+
+
 def test_cancelled_rows_stop_early_and_others_finish(tiny):
     items = [{"prompt": "one", "draft": ""}, {"prompt": "two", "draft": ""}]
     results = tiny.refine(items, block_size=1, max_new_tokens=20, is_cancelled=lambda i: i == 0)

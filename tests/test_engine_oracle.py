@@ -71,6 +71,16 @@ def test_adaptive_mode_equals_greedy_in_one_mixed_batch(smol, real_items, refere
 
 
 @pytest.mark.slow
+def test_adaptive_mode_with_rows_joining_mid_batch_equals_greedy(smol, real_items, references):
+    """Continuous batching on the real model: 16 items join a running batch two at a time."""
+    waiting = list(real_items[4:])
+    results = smol.refine(real_items[:4], max_new_tokens=N,
+                          more=lambda n: [waiting.pop(0) for _ in range(min(n, 2, len(waiting)))])
+    assert not waiting
+    assert [r.token_ids for r in results] == references
+
+
+@pytest.mark.slow
 def test_fixed_point_drafts_are_verified_in_a_few_passes(smol, real_items, references):
     """The refiner's own answer as a draft is verified at once when its text tokenizes back to
     the same ids; where it does not (decode/encode is not a round trip), the first miss

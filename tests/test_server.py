@@ -69,6 +69,51 @@ async def test_concurrent_requests_batch_and_match_engine_alone(tiny_engine, sta
     assert len(set(texts)) > 4  # different prompts give different answers: the check has teeth
 
 
+class HoldAtFirstJoin(WrappedEngine):
+    """Holds the engine thread the first time a running batch asks for more work."""
+
+    def __init__(self, engine):
+        super().__init__(engine)
+        self.asking, self.gate = threading.Event(), threading.Event()
+
+    def refine(self, items, more=None, **kw):
+        def held(n):
+            if not self.asking.is_set():
+                self.asking.set()
+                self.gate.wait(30)
+            return more(n)
+
+        return super().refine(items, more=None if more is None else held, **kw)
+
+
+async def test_requests_join_a_running_batch_in_queue_order(tiny_engine, start_server):
+    """Continuous batching: B joins A's running batch between two passes; C, with other options,
+    waits for its own batch, and D (A's options, queued after C) does not jump ahead of C."""
+    engine = HoldAtFirstJoin(tiny_engine)
+    url, _ = start_server(engine, max_batch_items=8, max_wait_ms=0)
+    a_opts, c_opts = {"block_size": 1, "max_new_tokens": 12}, {"block_size": 3, "max_new_tokens": 10}
+    reqs = {"A": ({"prompt": PROMPTS[0], "draft": "A"}, a_opts), "B": ({"prompt": PROMPTS[1], "draft": "B"}, a_opts),
+            "C": ({"prompt": PROMPTS[2], "draft": "C"}, c_opts), "D": ({"prompt": PROMPTS[3], "draft": "D"}, a_opts)}
+    async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+        def send(name):
+            item, opts = reqs[name]
+            return asyncio.create_task(c.post("/v1/refine", json=body([item], **opts)))
+
+        tasks = {"A": send("A")}
+        assert await asyncio.to_thread(engine.asking.wait, 10)  # A has run a pass and asks for company
+        for name in "BCD":
+            tasks[name] = send(name)
+            await asyncio.sleep(0.15)  # queue order B, C, D
+        engine.gate.set()
+        out = {name: await t for name, t in tasks.items()}
+    assert {n: r.status_code for n, r in out.items()} == dict.fromkeys("ABCD", 200)
+    assert engine.calls == [["A"], ["C"], ["D"]]  # B rode along in A's batch
+    assert out["B"].json()["timing"]["batch_requests"] == 2 and out["D"].json()["timing"]["batch_requests"] == 1
+    for name, r in out.items():
+        item, opts = reqs[name]
+        assert r.json()["items"][0]["text"] == tiny_engine.refine([item], **opts)[0].text
+
+
 async def test_queue_full_gets_429_with_retry_after_at_once(tiny_engine, start_server):
     gated = GatedEngine(tiny_engine)
     url, _ = start_server(gated, max_queue=1, max_batch_items=1, max_wait_ms=0)

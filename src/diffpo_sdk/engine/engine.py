@@ -133,12 +133,19 @@ class RefinerEngine:
         keep_draft_prefix: int = 0,
         on_tokens: Callable[[int, list[int]], None] | None = None,
         is_cancelled: Callable[[int], bool] | None = None,
+        more: Callable[[int], Sequence[RefineItem | dict[str, Any]]] | None = None,
+        on_result: Callable[[int, RefineResult], None] | None = None,
     ) -> list[RefineResult]:
         """Refine each item's draft for its conversation; one result per item, in order.
 
         Run to convergence (``max_iterations=None``) the answer equals the refiner's greedy
         decoding of the prompt, whatever the block size, the batch or the draft. Items are
         decoded together in batches of up to ``max_batch_size`` rows.
+
+        Continuous batching, for servers: ``more(n)`` is asked between passes for up to n
+        items that join the running batch with the same options; they are numbered after the
+        items before them, in the callbacks and in the returned list. ``on_result(i, result)``
+        hands over each result as soon as its item is done.
         """
         try:
             opts = RefineOptions(
@@ -149,21 +156,42 @@ class RefinerEngine:
             )
         except ValueError as e:
             raise InvalidRequestError(str(e)) from e
-        parsed = self._parse(items)
-        rows, kept = [], []
-        for n, item in enumerate(parsed):
-            prompt, prefix, draft = self.encode(item, opts.keep_draft_prefix)
-            self._check_length(n, len(prompt) + len(prefix), opts.max_new_tokens)
-            rows.append(Row(prompt=prompt + prefix, guess=self._initial_guess(draft, opts.max_new_tokens), draft=draft,
-                            spelling=self.spelling))
-            kept.append(prefix)
+        rows: list[Row] = []
+        kept: list[list[int]] = []
+        started: list[float] = []
+        results: dict[int, RefineResult] = {}
+
+        def add(items: Sequence[RefineItem | dict[str, Any]]) -> list[int]:
+            first = len(rows)
+            for n, item in enumerate(self._parse(items), first):
+                prompt, prefix, draft = self.encode(item, opts.keep_draft_prefix)
+                self._check_length(n, len(prompt) + len(prefix), opts.max_new_tokens)
+                guess = self._initial_guess(draft, opts.max_new_tokens)
+                rows.append(Row(prompt=prompt + prefix, guess=guess, draft=draft, spelling=self.spelling))
+                kept.append(prefix)
+                started.append(time.perf_counter())
+            return list(range(first, len(rows)))
+
+        def finish(i: int) -> None:
+            results[i] = self._result(rows[i], kept[i], time.perf_counter() - started[i])
+            if on_result is not None:
+                on_result(i, results[i])
 
         block = None if opts.block_size == "auto" else int(opts.block_size)
-        timings: list[float] = [0.0] * len(rows)
+        initial = add(items)
         with self._lock:
-            for start in range(0, len(rows), self.max_batch_size):
-                chunk = list(range(start, min(start + self.max_batch_size, len(rows))))
-                t0 = time.perf_counter()
+            for start in range(0, len(initial), self.max_batch_size):
+                chunk = initial[start : start + self.max_batch_size]  # grows as items join
+
+                def admit(live: int, chunk: list[int] = chunk) -> list[Row]:
+                    if more is None or live >= self.max_batch_size:
+                        return []
+                    joined = add(more(self.max_batch_size - live))
+                    chunk += joined
+                    return [rows[i] for i in joined]
+
+                for i in chunk:
+                    started[i] = time.perf_counter()
                 jacobi_decode(
                     self.model,
                     [rows[i] for i in chunk],
@@ -175,11 +203,10 @@ class RefinerEngine:
                     policy=self.policy if block is None else None,
                     on_tokens=None if on_tokens is None else (lambda j, t, c=chunk: on_tokens(c[j], t)),
                     is_cancelled=None if is_cancelled is None else (lambda j, c=chunk: is_cancelled(c[j])),
+                    admit=None if more is None else admit,
+                    on_finish=lambda j, c=chunk: finish(c[j]),
                 )
-                elapsed = time.perf_counter() - t0
-                for i in chunk:
-                    timings[i] = elapsed
-        return [self._result(r, p, t) for r, p, t in zip(rows, kept, timings)]
+        return [results[i] for i in range(len(rows))]
 
     def generate(self, item: RefineItem | dict[str, Any], *, max_new_tokens: int = 256) -> RefineResult:
         """The baseline every speed figure is measured against: transformers' greedy
@@ -221,5 +248,5 @@ class RefinerEngine:
             new_tokens=len(row.answer),
             converged=row.converged,
             finish_reason=row.finish_reason or "length",
-            timing={"batch_s": seconds},
+            timing={"batch_s": seconds},  # from joining the batch to done
         )

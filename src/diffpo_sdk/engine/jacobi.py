@@ -14,6 +14,11 @@ masked in attention and skipped by position ids, so no row ever feeds a token tw
 fast row never makes the others pay for its lead. Models with sliding-window layers
 (Gemma-2), where a hole would widen the window, keep only the span every row verified
 (a plain crop); rows that ran ahead feed their few extra tokens again next pass.
+
+Rows can join a running batch between passes (continuous batching): newcomers' prompts are
+prefilled in a pass of their own, their cache rows are stacked under the others' (right
+aligned, masked slots in front), and from the next pass on they decode like every row. Slots that no live row uses any more are cut from the front, so a batch
+that never drains does not grow its cache for ever.
 """
 
 from __future__ import annotations
@@ -181,15 +186,21 @@ def jacobi_decode(
     policy: BlockPolicy | None = None,
     on_tokens: Callable[[int, list[int]], None] | None = None,
     is_cancelled: Callable[[int], bool] | None = None,
+    admit: Callable[[int], Sequence[Row]] | None = None,
+    on_finish: Callable[[int], None] | None = None,
 ) -> None:
     """Decode ``rows`` in place until each stops, hits ``max_new_tokens`` or is cancelled.
 
     ``block_size`` None means adaptive: ``policy`` picks the width of every pass.
     ``max_iterations`` caps the passes spent on each block of ``block_size`` positions
     (32 in adaptive mode); a capped block keeps its current guess, unverified.
+    ``admit(n)``, called between passes with the number of rows decoding, returns rows that
+    join the batch; they are numbered after the ones before them in the callbacks.
+    ``on_finish(i)`` is called as soon as row i is done.
     """
     if not rows:
         return
+    rows = list(rows)
     device = next(model.parameters()).device
     N = max_new_tokens
     cap_block = block_size or 32
@@ -285,6 +296,8 @@ def jacobi_decode(
                 on_tokens(i, new)
             if not r.done and is_cancelled is not None and is_cancelled(i):
                 r.finish_reason = "cancelled"
+            if r.done and on_finish is not None:
+                on_finish(i)
             verified.append(u + m)
 
         valid = [v for v, i in zip(verified, live) if not rows[i].done]
@@ -308,6 +321,81 @@ def jacobi_decode(
                 cache.batch_select_indices(idx)
                 offsets, cached, slot_mask = offsets[idx], cached[idx], slot_mask[idx]
             live = [live[j] for j in keep_rows]
+
+        if holes and _plain_layers(cache):
+            # Cut the front slots no live row uses (pads, holes, spans from before a join).
+            used = slot_mask.any(dim=0).nonzero()
+            lo = int(used[0]) if len(used) else 0
+            if lo >= 32:
+                _slice_slots(cache, lo)
+                slot_mask = slot_mask[:, lo:]
+            if admit is not None:
+                joining = list(admit(len(live)))
+                if joining:
+                    # Prefill the newcomers apart (all but their last prompt token, which they feed
+                    # with guesses next pass like every other row): feeding whole prompts in the
+                    # shared pass would make every row's pass as wide as the longest prompt.
+                    lens = [len(r.prompt) - 1 for r in joining]
+                    new_mask, new_cache = _prefill(model, [r.prompt[:-1] for r in joining], pad_id, cache_kw, policy)
+                    _append_rows(cache, new_cache, len(joining))
+                    width = max(slot_mask.shape[1], new_mask.shape[1])
+                    slot_mask = torch.cat([_pad_left(slot_mask, width), _pad_left(new_mask, width)])
+                    for r in joining:
+                        live.append(len(rows))
+                        rows.append(r)
+                        committed.append(list(r.prompt))
+                    offsets = torch.cat([offsets, torch.zeros(len(joining), dtype=torch.long, device=device)])
+                    cached = torch.cat([cached, torch.tensor(lens, device=device)])
+
+
+def _prefill(model: torch.nn.Module, prompts: list[list[int]], pad_id: int, cache_kw: str,
+             policy: BlockPolicy | None) -> tuple[torch.Tensor, Any]:
+    """A fresh cache holding ``prompts`` (left-padded), and its slot mask; no cache for empty prompts."""
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    pads = torch.tensor([width - len(p) for p in prompts], device=device)
+    mask = (torch.arange(width, device=device)[None, :] >= pads[:, None]).long()
+    if width == 0:
+        return mask, None
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    cache = _new_cache(model)
+    t0 = time.perf_counter()
+    model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_min(0), use_cache=True,
+          logits_to_keep=1, **{cache_kw: cache})
+    if policy is not None:
+        policy.record(len(prompts), width, time.perf_counter() - t0)
+    return mask, cache
+
+
+def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (width - t.shape[-1], 0))
+
+
+def _plain_layers(cache: Any) -> bool:
+    """Whether every layer keeps plain (batch, heads, slots, dim) keys and values we may reshape."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+
+
+def _slice_slots(cache: Any, lo: int) -> None:
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[:, :, lo:], layer.values[:, :, lo:]
+
+
+def _append_rows(cache: Any, new: Any, n: int) -> None:
+    """Stack the ``n`` rows of cache ``new`` (or empty rows) under ``cache``, both right-aligned."""
+    for i, layer in enumerate(cache.layers):
+        k, v = layer.keys, layer.values
+        if new is None:
+            nk, nv = k.new_zeros((n, *k.shape[1:2], 0, k.shape[3])), v.new_zeros((n, *v.shape[1:2], 0, v.shape[3]))
+        else:
+            nk, nv = new.layers[i].keys, new.layers[i].values
+        width = max(k.shape[2], nk.shape[2])
+        pad = [(0, 0, width - t.shape[2], 0) for t in (k, nk)]
+        layer.keys = torch.cat([torch.nn.functional.pad(k, pad[0]), torch.nn.functional.pad(nk, pad[1])])
+        layer.values = torch.cat([torch.nn.functional.pad(v, pad[0]), torch.nn.functional.pad(nv, pad[1])])
 
 
 def _has_sliding_window(config: Any) -> bool:

@@ -1,10 +1,16 @@
 """Merging concurrent requests into engine batches, with backpressure, deadlines and cancellation.
 
-Requests wait in a bounded FIFO. One asyncio task forms batches: the oldest waiting request
-fixes the options (items with different options cannot share one ``refine`` call), then
-every waiting request with the same options joins, up to ``max_batch_items``, waiting at
-most ``max_wait_ms`` for company. The batch runs on a single worker thread, so the event
+Requests wait in a bounded FIFO. One asyncio task starts engine batches: the oldest waiting
+request fixes the options (items with different options cannot share one ``refine`` call),
+then every waiting request with the same options joins, up to ``max_batch_items``, waiting
+at most ``max_wait_ms`` for company. The batch runs on a single worker thread, so the event
 loop keeps accepting, validating and refusing requests while the engine computes.
+
+Batching is continuous: between two forward passes the engine asks for more work, and
+waiting requests with the same options join the running batch, while others leave it as
+soon as their answers are done. No request waits for the slowest row of a batch it is not
+in, and the engine does not run half-empty while requests queue. A request with other
+options at the head of the queue stops further joins, so the batch drains and it runs next.
 """
 
 from __future__ import annotations
@@ -80,9 +86,32 @@ class Job:
     # tokens already delivered per item, so a retried (split) batch does not stream twice
     sent: list[int] = field(default_factory=list)
     queue_span: Any = None
+    # set on the engine thread when the job joins a batch
+    joined: float = 0.0
+    batch_span: Any = None
+    batch_size: int = 0  # items decoding in the batch just after it joined
+    batch_requests: int = 0
 
 
 Row = tuple[Job, int]  # (job, item index within the job)
+
+
+@dataclass(eq=False)
+class Run:
+    """One engine batch as it runs: its rows in the engine's numbering, as jobs join and leave."""
+
+    key: OptionsKey
+    rows: list[Row] = field(default_factory=list)
+    jobs: list[Job] = field(default_factory=list)
+    results: dict[int, Any] = field(default_factory=dict)  # engine row index -> result
+    finished: set[int] = field(default_factory=set)  # ids of the jobs whose results went out
+
+    @property
+    def live(self) -> int:
+        return len(self.rows) - len(self.results)
+
+    def job_rows(self, job: Job) -> list[int]:
+        return [i for i, (j, _) in enumerate(self.rows) if j is job]
 
 
 class Batcher:
@@ -92,11 +121,12 @@ class Batcher:
         self.metrics = metrics
         self.tracer = tracer
         self._pending: deque[Job] = deque()
+        self._mutex = threading.Lock()  # the queue is read by the engine thread too (joins)
         self._arrived = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffpo-engine")
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._batch_s_ema = 1.0  # seconds per batch, for Retry-After hints
+        self._job_s_ema = 1.0  # seconds a request spends in the engine, for Retry-After hints
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -111,8 +141,10 @@ class Batcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        while self._pending:
-            job = self._pending.popleft()
+        with self._mutex:
+            left = list(self._pending)
+            self._pending.clear()
+        for job in left:
             if not job.future.done():
                 job.future.set_exception(ShuttingDownError("the server is shutting down"))
         self.metrics.queue_depth.set(0)
@@ -126,8 +158,8 @@ class Batcher:
 
     def retry_after(self) -> int:
         """Seconds until the queue has likely drained enough to take one more request."""
-        batches = len(self._pending) / max(self.config.max_batch_items, 1) + 1
-        return max(1, math.ceil(self._batch_s_ema * batches))
+        rounds = len(self._pending) / max(self.config.max_batch_items, 1) + 1
+        return max(1, math.ceil(self._job_s_ema * rounds))
 
     async def refine(
         self,
@@ -162,24 +194,28 @@ class Batcher:
         return results, job.stats
 
     def submit(self, job: Job) -> None:
-        if len(self._pending) >= self.config.max_queue:
-            raise QueueFullError(self.retry_after())
-        job.queue_span = self.tracer.start_span("diffpo.server.queue", context=job.parent)
-        job.queue_span.set_attribute("diffpo.items", len(job.items))
-        self._pending.append(job)
-        self.metrics.queue_depth.set(len(self._pending))
+        with self._mutex:
+            if len(self._pending) >= self.config.max_queue:
+                raise QueueFullError(self.retry_after())
+            job.queue_span = self.tracer.start_span("diffpo.server.queue", context=job.parent)
+            job.queue_span.set_attribute("diffpo.items", len(job.items))
+            self._pending.append(job)
+            self.metrics.queue_depth.set(len(self._pending))
         self._arrived.set()
 
     def cancel(self, job: Job) -> None:
         """Stop spending compute on a job: unqueue it, or make the engine drop its rows."""
         job.cancelled = True
-        try:
-            self._pending.remove(job)
-        except ValueError:
-            pass  # already running (the engine polls ``cancelled``) or finished
-        else:
+        with self._mutex:
+            try:
+                self._pending.remove(job)
+            except ValueError:
+                queued = False  # already running (the engine polls ``cancelled``) or finished
+            else:
+                queued = True
+            self.metrics.queue_depth.set(len(self._pending))
+        if queued:
             self._end_queue_span(job, cancelled=True)
-        self.metrics.queue_depth.set(len(self._pending))
         if not job.future.done():
             job.future.cancel()
 
@@ -202,8 +238,9 @@ class Batcher:
             while not self._pending:
                 self._arrived.clear()
                 await self._arrived.wait()
-            first = self._pending[0]
-            batch = self._collect(first.key)
+            with self._mutex:
+                first = self._pending[0]
+                batch = self._collect(first.key)
             remaining = first.enqueued + max_wait - time.monotonic()
             if sum(len(j.items) for j in batch) >= self.config.max_batch_items or remaining <= 0:
                 break
@@ -212,9 +249,11 @@ class Batcher:
                 await asyncio.wait_for(self._arrived.wait(), remaining)
             except TimeoutError:
                 pass
-        for job in batch:
-            self._pending.remove(job)
-        self.metrics.queue_depth.set(len(self._pending))
+        with self._mutex:
+            batch = [job for job in batch if job in self._pending]  # cancelled meanwhile: gone
+            for job in batch:
+                self._pending.remove(job)
+            self.metrics.queue_depth.set(len(self._pending))
         return batch
 
     def _collect(self, key: OptionsKey) -> list[Job]:
@@ -232,66 +271,38 @@ class Batcher:
                 break
         return batch
 
+    def _take_joiners(self, run: Run, room: int) -> list[Job]:
+        """Jobs that join the running batch now: the oldest waiting ones with its options, while
+        they fit. The first with other options ends the search, so it is not starved."""
+        taken: list[Job] = []
+        with self._mutex:
+            for job in self._pending:
+                if job.key != run.key or len(job.items) > room:
+                    break
+                taken.append(job)
+                room -= len(job.items)
+            for job in taken:
+                self._pending.remove(job)
+            self.metrics.queue_depth.set(len(self._pending))
+        return taken
+
     async def _run_batch(self, batch: list[Job]) -> None:
-        start = time.monotonic()
         jobs = [j for j in batch if not j.future.done()]
         for job in batch:
-            self._end_queue_span(job, cancelled=job not in jobs)
+            if job not in jobs:
+                self._end_queue_span(job, cancelled=True)
         if not jobs:
             return
-        rows: list[Row] = [(job, k) for job in jobs for k in range(len(job.items))]
-        m = self.metrics
-        for job in jobs:
-            m.queue_wait.observe(start - job.enqueued)
-        m.batch_items.observe(len(rows))
-        m.batch_requests.observe(len(jobs))
-        m.inflight_items.set(len(rows))
-        spans = [self.tracer.start_span("diffpo.engine.batch", context=job.parent) for job in jobs]
+        run = Run(key=jobs[0].key)
+        start = time.monotonic()
         try:
-            outcomes = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._refine_rows, rows, jobs[0].key
-            )
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._run_engine, run, jobs)
         finally:
-            m.inflight_items.set(0)
-        engine_s = time.monotonic() - start
-        m.batch_seconds.observe(engine_s)
-        self._batch_s_ema = 0.8 * self._batch_s_ema + 0.2 * engine_s
-
-        done = [o for o in outcomes if not isinstance(o, BaseException)]
-        passes = max((o.iterations for o in done), default=0)
-        tokens = sum(o.new_tokens for o in done)
-        for o in done:
-            m.tokens.inc(o.new_tokens)
-            if o.iterations:
-                m.passes_per_token.observe(o.iterations / max(o.new_tokens, 1))
-                m.tokens_per_pass.observe(o.new_tokens / o.iterations)
-        batch_attrs = {
-            "diffpo.batch_size": len(rows),
-            "diffpo.batch_requests": len(jobs),
-            "diffpo.passes": passes,
-            "diffpo.tokens_per_pass": tokens / passes if passes else 0.0,
-        }
-        by_job: dict[int, list[Any]] = {}
-        for (job, _), outcome in zip(rows, outcomes):
-            by_job.setdefault(id(job), []).append(outcome)
-        for job, span in zip(jobs, spans):
-            results = by_job[id(job)]
-            job.stats.update(
-                queue_ms=1000 * (start - job.enqueued), engine_ms=1000 * engine_s,
-                batch_items=len(rows), batch_requests=len(jobs), batch_passes=passes,
-            )
-            span.set_attributes(batch_attrs)
-            error = next((r for r in results if isinstance(r, BaseException)), None)
-            if error is not None:
-                span.record_exception(error)
-                span.set_status(trace.StatusCode.ERROR, type(error).__name__)
-            span.end()
-            if job.future.done():
-                continue
-            if error is not None:
-                job.future.set_exception(error)
-            else:
-                job.future.set_result(results)
+            self.metrics.inflight_items.set(0)
+        m = self.metrics
+        m.batch_seconds.observe(time.monotonic() - start)
+        m.batch_items.observe(len(run.rows))
+        m.batch_requests.observe(len(run.jobs))
 
     def _end_queue_span(self, job: Job, *, cancelled: bool) -> None:
         if job.queue_span is not None:
@@ -301,16 +312,139 @@ class Batcher:
 
     # -- the worker thread ---------------------------------------------------------------------
 
-    def _refine_rows(self, rows: list[Row], key: OptionsKey) -> list[Any]:
-        """Run rows through the engine; a result or the exception for each row, in order.
+    def _join(self, run: Run, jobs: list[Job]) -> list[RefineItem]:
+        """Jobs enter the engine batch: their queue time ends, their batch span starts."""
+        now = time.monotonic()
+        for job in jobs:
+            run.jobs.append(job)
+            run.rows += [(job, k) for k in range(len(job.items))]
+        for job in jobs:
+            job.joined = now
+            job.batch_size, job.batch_requests = run.live, len(run.jobs) - len(run.finished)
+            self._end_queue_span(job, cancelled=False)
+            self.metrics.queue_wait.observe(now - job.enqueued)
+            job.batch_span = self.tracer.start_span("diffpo.engine.batch", context=job.parent)
+        self.metrics.inflight_items.set(run.live)
+        return [job.items[k] for job in jobs for k in range(len(job.items))]
+
+    def _run_engine(self, run: Run, jobs: list[Job]) -> None:
+        """Decode the batch, letting waiting jobs join it; each job's answer goes out as it is done."""
+        items = self._join(run, jobs)
+        try:
+            returned = self._call_engine(run, items)
+        except Exception as e:  # noqa: BLE001 (whatever it is, it goes back to its own requests)
+            log.warning("an engine batch of %d requests failed (%s): retrying the unfinished ones apart",
+                        len(run.jobs), type(e).__name__)
+            left = [job for job in run.jobs if id(job) not in run.finished]
+            rows = [(job, k) for job in left for k in range(len(job.items))]
+            for (job, k), outcome in zip(rows, self._refine_rows(rows, run.key, e)):
+                run.results[run.rows.index((job, k))] = outcome
+            for job in left:
+                self._finish(run, job)
+            return
+        for i, result in enumerate(returned):  # an engine that did not report each result as it went
+            run.results.setdefault(i, result)
+        for job in run.jobs:
+            if id(job) not in run.finished:
+                self._finish(run, job)
+
+    def _finish(self, run: Run, job: Job) -> None:
+        """All of a job's items are done: close its span, count it, hand its results back."""
+        run.finished.add(id(job))
+        results = [run.results[i] for i in run.job_rows(job)]
+        engine_s = time.monotonic() - job.joined
+        self._job_s_ema = 0.8 * self._job_s_ema + 0.2 * engine_s
+        done = [r for r in results if not isinstance(r, BaseException)]
+        passes = max((r.iterations for r in done), default=0)
+        tokens = sum(r.new_tokens for r in done)
+        m = self.metrics
+        for r in done:
+            m.tokens.inc(r.new_tokens)
+            if r.iterations:
+                m.passes_per_token.observe(r.iterations / max(r.new_tokens, 1))
+                m.tokens_per_pass.observe(r.new_tokens / r.iterations)
+        m.inflight_items.set(run.live)
+        job.stats.update(
+            queue_ms=1000 * (job.joined - job.enqueued), engine_ms=1000 * engine_s,
+            batch_items=job.batch_size, batch_requests=job.batch_requests, batch_passes=passes,
+        )
+        span = job.batch_span
+        span.set_attributes({
+            "diffpo.batch_size": job.batch_size,
+            "diffpo.batch_requests": job.batch_requests,
+            "diffpo.passes": passes,
+            "diffpo.tokens_per_pass": tokens / passes if passes else 0.0,
+        })
+        error = next((r for r in results if isinstance(r, BaseException)), None)
+        if error is not None:
+            span.record_exception(error)
+            span.set_status(trace.StatusCode.ERROR, type(error).__name__)
+        span.end()
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(_resolve, job.future, results, error)
+
+    def _call_engine(self, run: Run, items: list[RefineItem]) -> list[Any]:
+        """One continuous engine batch over ``run``: joins between passes, results as they finish."""
+
+        def more(free: int) -> list[RefineItem]:
+            room = min(free, self.config.max_batch_items - run.live)
+            joiners = self._take_joiners(run, room) if room > 0 else []
+            return self._join(run, joiners) if joiners else []
+
+        def on_result(i: int, result: Any) -> None:
+            run.results[i] = result
+            job = run.rows[i][0]
+            if all(k in run.results for k in run.job_rows(job)):
+                self._finish(run, job)
+
+        return self._engine_refine(run.rows, run.key, items, more=more, on_result=on_result)
+
+    def _engine_refine(self, rows: list[Row], key: OptionsKey, items: list[RefineItem], **kw: Any) -> list[Any]:
+        """``engine.refine`` over ``rows`` with streaming and cancellation wired to their jobs."""
+        block_size, max_new_tokens, max_iterations, keep_draft_prefix = key
+        seen: dict[int, int] = {}  # tokens seen per row in this attempt
+        loop = self._loop
+        lock = threading.Lock()
+
+        def on_tokens(i: int, ids: list[int]) -> None:
+            job, k = rows[i]
+            if job.on_tokens is None or loop is None:
+                return
+            with lock:
+                skip = max(0, job.sent[k] - seen.get(i, 0))  # already streamed by an earlier attempt
+                seen[i] = seen.get(i, 0) + len(ids)
+                fresh = list(ids[skip:])
+                job.sent[k] += len(fresh)
+            if fresh:
+                loop.call_soon_threadsafe(job.on_tokens, k, fresh)
+
+        def is_cancelled(i: int) -> bool:
+            job = rows[i][0]
+            return job.cancelled or time.monotonic() > job.deadline
+
+        return self.engine.refine(
+            items,
+            block_size=block_size,
+            max_new_tokens=max_new_tokens,
+            max_iterations=max_iterations,
+            keep_draft_prefix=keep_draft_prefix,
+            on_tokens=on_tokens,
+            is_cancelled=is_cancelled,
+            **kw,
+        )
+
+    def _refine_rows(self, rows: list[Row], key: OptionsKey, error: BaseException | None = None) -> list[Any]:
+        """Fallback after a failed batch: a result or the exception for each row, in order.
 
         Out of memory: split the batch in halves and retry each. Any other failure with
         several requests in the batch: retry each request alone, so one bad input fails
         only its own request.
         """
         try:
-            return list(self._call_engine(rows, key))
-        except Exception as e:  # noqa: BLE001 (whatever it is, it goes back to its own request)
+            if error is not None:
+                raise error
+            return list(self._engine_refine(rows, key, [job.items[k] for job, k in rows]))
+        except Exception as e:  # noqa: BLE001
             if is_oom(e):
                 self.metrics.errors.labels("oom").inc()
                 _empty_cache()
@@ -329,37 +463,14 @@ class Batcher:
                 return out
             return [e] * len(rows)
 
-    def _call_engine(self, rows: list[Row], key: OptionsKey) -> list[Any]:
-        block_size, max_new_tokens, max_iterations, keep_draft_prefix = key
-        seen = [0] * len(rows)  # tokens seen per row in this attempt
-        loop = self._loop
-        lock = threading.Lock()
 
-        def on_tokens(i: int, ids: list[int]) -> None:
-            job, k = rows[i]
-            if job.on_tokens is None or loop is None:
-                return
-            with lock:
-                skip = max(0, job.sent[k] - seen[i])  # already streamed by an earlier attempt
-                seen[i] += len(ids)
-                fresh = list(ids[skip:])
-                job.sent[k] += len(fresh)
-            if fresh:
-                loop.call_soon_threadsafe(job.on_tokens, k, fresh)
-
-        def is_cancelled(i: int) -> bool:
-            job = rows[i][0]
-            return job.cancelled or time.monotonic() > job.deadline
-
-        return self.engine.refine(
-            [job.items[k] for job, k in rows],
-            block_size=block_size,
-            max_new_tokens=max_new_tokens,
-            max_iterations=max_iterations,
-            keep_draft_prefix=keep_draft_prefix,
-            on_tokens=on_tokens if any(job.on_tokens for job, _ in rows) else None,
-            is_cancelled=is_cancelled,
-        )
+def _resolve(future: asyncio.Future, results: list[Any], error: BaseException | None) -> None:
+    if future.done():  # the client went away or its deadline passed
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(results)
 
 
 def _empty_cache() -> None:
