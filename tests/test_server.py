@@ -511,4 +511,5 @@ def test_bench_serve_smoke(tiny_engine, start_server, tmp_path):
     assert all(lv["requests"] >= 4 and lv["errors"] == {} and lv["requests_per_s"] > 0 for lv in result["levels"])
     assert result["levels"][0]["speedup_vs_one_by_one"] == 1.0
     assert result["soak"]["requests"] > 0 and result["soak"]["errors"] == {} and result["soak"]["rss_after_mb"] > 0
+    assert len(result["soak"]["rss_samples_mb"]) >= 2 and min(result["soak"]["rss_samples_mb"]) > 0
     assert result["queue_depth_after"] == 0

@@ -171,10 +171,20 @@ async def bench(args: argparse.Namespace, url: str) -> dict[str, Any]:
             level["speedup_vs_one_by_one"] = round(level["requests_per_s"] / base, 2)
         soak: dict[str, Any] = {}
         if args.soak_seconds > 0:
-            rss0 = await server_metric(client, "process_resident_memory_bytes")
+            # RSS every few seconds, not just before and after: "flat" is a trend, and a first
+            # big batch allocates once what every later one reuses
+            samples: list[float] = []
+
+            async def sample_rss() -> None:
+                while True:
+                    samples.append(round((await server_metric(client, "process_resident_memory_bytes") or 0) / 2**20, 1))
+                    await asyncio.sleep(args.soak_seconds / 6)
+
+            sampler = asyncio.create_task(sample_rss())
             soak = await run_level(client, items, options, args.soak_clients, seconds=args.soak_seconds)
-            rss1 = await server_metric(client, "process_resident_memory_bytes")
-            soak.update(rss_before_mb=round((rss0 or 0) / 2**20, 1), rss_after_mb=round((rss1 or 0) / 2**20, 1))
+            sampler.cancel()
+            samples.append(round((await server_metric(client, "process_resident_memory_bytes") or 0) / 2**20, 1))
+            soak.update(rss_before_mb=samples[0], rss_after_mb=samples[-1], rss_samples_mb=samples)
         queue_after = await server_metric(client, "diffpo_queue_depth")
     return {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
@@ -199,7 +209,7 @@ def print_table(result: dict[str, Any]) -> None:
     if s := result["soak"]:
         print(f"soak: {s['clients']} clients for {s['wall_s']:.0f} s: {s['requests']} requests, "
               f"{s['requests_per_s']:.2f} req/s, p99 {s['p99_s']:.2f} s, errors {s['errors'] or 0}, "
-              f"RSS {s['rss_before_mb']} -> {s['rss_after_mb']} MiB")
+              f"RSS {' -> '.join(str(x) for x in s['rss_samples_mb'])} MiB")
 
 
 def build_parser() -> argparse.ArgumentParser:
