@@ -92,7 +92,7 @@ def test_rows_join_a_running_batch_and_stay_exact(tiny_llama_dir, monkeypatch):
     from diffpo_sdk.engine import jacobi
 
     engine = RefinerEngine.from_pretrained(tiny_llama_dir, device="cpu", dtype="float32", calibrate=False, max_batch_size=3)
-    items = [{"prompt": "Tell me about item number %d. " % k * (1 + k % 4), "draft": "It is %d." % k} for k in range(9)]
+    items = [{"prompt": f"Tell me about item number {k}. " * (1 + k % 4), "draft": f"It is {k}."} for k in range(9)]
     refs = [greedy_reference(engine, it, 20) for it in items]
     waiting = list(items[1:])
     asked: list[tuple[int, int]] = []  # (rows decoding, items handed over)
