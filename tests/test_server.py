@@ -11,6 +11,7 @@ import pytest
 from test_server_support import (
     PROMPTS,
     GatedEngine,
+    HoldAtFirstJoin,
     WrappedEngine,
     alpaca_items,
     metric_value,
@@ -69,23 +70,6 @@ async def test_concurrent_requests_batch_and_match_engine_alone(tiny_engine, sta
     assert len(set(texts)) > 4  # different prompts give different answers: the check has teeth
 
 
-class HoldAtFirstJoin(WrappedEngine):
-    """Holds the engine thread the first time a running batch asks for more work."""
-
-    def __init__(self, engine):
-        super().__init__(engine)
-        self.asking, self.gate = threading.Event(), threading.Event()
-
-    def refine(self, items, more=None, **kw):
-        def held(n):
-            if not self.asking.is_set():
-                self.asking.set()
-                self.gate.wait(30)
-            return more(n)
-
-        return super().refine(items, more=None if more is None else held, **kw)
-
-
 async def test_requests_join_a_running_batch_in_queue_order(tiny_engine, start_server):
     """Continuous batching: B joins A's running batch between two passes; C, with other options,
     waits for its own batch, and D (A's options, queued after C) does not jump ahead of C."""
@@ -101,9 +85,12 @@ async def test_requests_join_a_running_batch_in_queue_order(tiny_engine, start_s
 
         tasks = {"A": send("A")}
         assert await asyncio.to_thread(engine.asking.wait, 10)  # A has run a pass and asks for company
-        for name in "BCD":
+        for depth, name in enumerate("BCD", 1):
             tasks[name] = send(name)
-            await asyncio.sleep(0.15)  # queue order B, C, D
+            for _ in range(200):  # queued before the next is sent: the order is B, C, D
+                if (await c.get("/health")).json()["queue_depth"] == depth:
+                    break
+                await asyncio.sleep(0.02)
         engine.gate.set()
         out = {name: await t for name, t in tasks.items()}
     assert {n: r.status_code for n, r in out.items()} == dict.fromkeys("ABCD", 200)

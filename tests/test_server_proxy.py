@@ -3,6 +3,7 @@ and LiteLLM's ``mock_response``, non-streaming, streaming, and through the OpenA
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -10,7 +11,7 @@ import httpx
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from test_server_support import WrappedEngine, metric_value, serve
+from test_server_support import HoldAtFirstJoin, WrappedEngine, metric_value, serve
 
 pytest_plugins = ["test_server_support"]  # fixtures: tiny_engine, start_server
 
@@ -135,6 +136,40 @@ def test_streaming_sends_the_refined_answer_as_it_is_decided(proxy, tiny_engine)
     assert finish == ["stop" if expected.finish_reason == "stop" else "length"]
     last = chunks[-1]
     assert last["choices"] == [] and last["usage"] == USAGE and last["diffpo"]["refined"] is True
+
+
+async def test_a_stream_that_joins_a_running_batch_streams_its_own_answer(proxy, tiny_engine):
+    """Continuous batching under streaming: a streamed request that joins another request's
+    running batch gets exactly its own tokens, piece by piece."""
+    engine = HoldAtFirstJoin(tiny_engine)
+    url = proxy(engine, max_wait_ms=0)
+    opts = {"block_size": 4, "max_new_tokens": 24}
+    other = {"prompt": "Name three primary colors.", "draft": "Red, blue and yellow."}
+    async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+        running = asyncio.create_task(c.post("/v1/refine", json={"items": [other], **opts}))
+        assert await asyncio.to_thread(engine.asking.wait, 10)  # its batch has run a pass
+
+        async def stream() -> list:
+            async with c.stream("POST", "/v1/chat/completions",
+                                json={"messages": MESSAGES, "stream": True, "diffpo": opts}) as r:
+                assert r.status_code == 200
+                return [json.loads(line[6:]) for line in [x async for x in r.aiter_lines()]
+                        if line.startswith("data: ") and line != "data: [DONE]"]
+
+        streamed = asyncio.create_task(stream())
+        for _ in range(200):  # the upstream answered and the stream's refinement is queued
+            if (await c.get("/health")).json()["queue_depth"]:
+                break
+            await asyncio.sleep(0.05)
+        engine.gate.set()
+        chunks, first = await streamed, await running
+    assert first.status_code == 200
+    assert engine.calls == [[other["draft"]]]  # one engine batch: the stream's item joined it
+    contents = [c["choices"][0]["delta"].get("content") for c in chunks if c["choices"]]
+    contents = [c for c in contents if c]
+    assert "".join(contents) == refined(tiny_engine, MESSAGES, ANSWER, **opts).text
+    assert len(contents) >= 3
+    assert first.json()["items"][0]["text"] == tiny_engine.refine([other], **opts)[0].text
 
 
 def test_tool_calls_pass_through_untouched(proxy, tiny_engine):

@@ -123,6 +123,23 @@ class GatedEngine(WrappedEngine):
         return super().refine(items, **kw)
 
 
+class HoldAtFirstJoin(WrappedEngine):
+    """Holds the engine thread the first time a running batch asks for more work."""
+
+    def __init__(self, engine):
+        super().__init__(engine)
+        self.asking, self.gate = threading.Event(), threading.Event()
+
+    def refine(self, items, more=None, **kw):
+        def held(n):
+            if not self.asking.is_set():
+                self.asking.set()
+                self.gate.wait(30)
+            return more(n)
+
+        return super().refine(items, more=None if more is None else held, **kw)
+
+
 def metric_value(text: str, name: str, labels: str = "") -> float:
     """One sample from a Prometheus text exposition (0 when absent)."""
     want = f"{name}{{{labels}}}" if labels else name
