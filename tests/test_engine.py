@@ -106,15 +106,51 @@ def test_rows_join_a_running_batch_and_stay_exact(tiny_llama_dir, monkeypatch):
     real_slice = jacobi._slice_slots
     monkeypatch.setattr(jacobi, "_slice_slots", lambda cache, lo: (cuts.append(lo), real_slice(cache, lo)))
     delivered: list[tuple[int, int]] = []  # (item, items still waiting then)
-    results = engine.refine(items[:1], block_size=3, max_new_tokens=20, more=more,
-                            on_result=lambda i, r: delivered.append((i, len(waiting))))
-    assert not waiting and len(results) == len(items)
-    assert [r.token_ids for r in results] == refs
+    got = {}
+
+    def on_result(i, r):
+        delivered.append((i, len(waiting)))
+        got[i] = r
+
+    returned = engine.refine(items[:1], block_size=3, max_new_tokens=20, more=more, on_result=on_result)
+    assert not waiting and [r.token_ids for r in returned] == refs[:1]  # the items passed in
+    assert [got[i].token_ids for i in range(len(items))] == refs
     assert sorted(i for i, _ in delivered) == list(range(len(items)))
     assert delivered[0][1] > 0  # the first result went out while later items had not even joined
     assert any(live >= 1 and handed for live, handed in asked)  # joined while others were decoding
     assert all(live < 3 for live, handed in asked)  # never asked beyond max_batch_size
     assert cuts and min(cuts) >= 32
+    with pytest.raises(InvalidRequestError, match="on_result"):
+        engine.refine(items[:1], more=more)
+
+
+def test_a_batch_that_never_drains_forgets_its_finished_rows(tiny):
+    """Under steady traffic a continuous batch may run for hours: a finished row must not
+    stay referenced by the decoder (its tokens, draft and guesses would pile up)."""
+    import weakref
+
+    from diffpo_sdk.engine.jacobi import jacobi_decode
+    from diffpo_sdk.protocol import RefineItem
+
+    def make(k: int) -> Row:
+        prompt, _, draft = tiny.encode(RefineItem(prompt=f"Question {k}?", draft="A draft."))
+        return Row(prompt=prompt, guess=tiny._initial_guess(draft, 6), draft=draft)
+
+    waiting = [make(k) for k in range(1, 10)]
+    first = make(0)
+    refs = [weakref.ref(first)] + [weakref.ref(r) for r in waiting]  # row ids: the first, then joiners
+    finished: list[int] = []
+    leaked: list[int] = []
+
+    def admit(n: int) -> list[Row]:
+        leaked.extend(i for i in finished if i and refs[i]() is not None)
+        return [waiting.pop(0)] if waiting else []
+
+    jacobi_decode(tiny.model, [first], stop_ids=tiny.stop_ids, pad_id=tiny.pad_id, max_new_tokens=6,
+                  block_size=2, admit=admit, on_finish=finished.append)
+    assert sorted(finished) == list(range(10)) and not waiting
+    assert len(finished) > 2 and not leaked
+    assert all(r() is None for r in refs[1:])
 
 
 def test_cancelled_rows_stop_early_and_others_finish(tiny):

@@ -142,10 +142,12 @@ class RefinerEngine:
         decoding of the prompt, whatever the block size, the batch or the draft. Items are
         decoded together in batches of up to ``max_batch_size`` rows.
 
+        ``on_result(i, result)`` hands over each result as soon as its item is done.
         Continuous batching, for servers: ``more(n)`` is asked between passes for up to n
-        items that join the running batch with the same options; they are numbered after the
-        items before them, in the callbacks and in the returned list. ``on_result(i, result)``
-        hands over each result as soon as its item is done.
+        items that join the running batch with the same options. They are numbered after the
+        items before them in the callbacks, and their results go out through ``on_result``
+        only (the returned list holds the items passed in), so a batch that never drains
+        keeps nothing of the items it finished.
         """
         try:
             opts = RefineOptions(
@@ -156,57 +158,66 @@ class RefinerEngine:
             )
         except ValueError as e:
             raise InvalidRequestError(str(e)) from e
-        rows: list[Row] = []
-        kept: list[list[int]] = []
-        started: list[float] = []
+        if more is not None and on_result is None:
+            raise InvalidRequestError("more= needs on_result=: items that join are handed over only through it")
+        # Items not yet done, by index: (row, kept draft prefix, start). Only the results of the
+        # items passed in are kept for the return value, so a batch that never drains stays small.
+        pending: dict[int, tuple[Row, list[int], float]] = {}
         results: dict[int, RefineResult] = {}
+        count = 0
 
         def add(items: Sequence[RefineItem | dict[str, Any]]) -> list[int]:
-            first = len(rows)
+            nonlocal count
+            first = count
             for n, item in enumerate(self._parse(items), first):
                 prompt, prefix, draft = self.encode(item, opts.keep_draft_prefix)
                 self._check_length(n, len(prompt) + len(prefix), opts.max_new_tokens)
                 guess = self._initial_guess(draft, opts.max_new_tokens)
-                rows.append(Row(prompt=prompt + prefix, guess=guess, draft=draft, spelling=self.spelling))
-                kept.append(prefix)
-                started.append(time.perf_counter())
-            return list(range(first, len(rows)))
+                row = Row(prompt=prompt + prefix, guess=guess, draft=draft, spelling=self.spelling)
+                pending[n] = (row, prefix, time.perf_counter())
+                count = n + 1
+            return list(range(first, count))
 
         def finish(i: int) -> None:
-            results[i] = self._result(rows[i], kept[i], time.perf_counter() - started[i])
+            row, prefix, t0 = pending.pop(i)
+            result = self._result(row, prefix, time.perf_counter() - t0)
+            if i < n_items:
+                results[i] = result
             if on_result is not None:
-                on_result(i, results[i])
+                on_result(i, result)
 
         block = None if opts.block_size == "auto" else int(opts.block_size)
-        initial = add(items)
+        n_items = len(add(items))
         with self._lock:
-            for start in range(0, len(initial), self.max_batch_size):
-                chunk = initial[start : start + self.max_batch_size]  # grows as items join
+            for start in range(0, n_items, self.max_batch_size):
+                size = min(self.max_batch_size, n_items - start)
+                # the decoder numbers rows 0..size-1, then joiners on; items that join are
+                # numbered from `count` on, in the same order
+                index = (lambda j, start=start, size=size, base=count: start + j if j < size else base + j - size)
 
-                def admit(live: int, chunk: list[int] = chunk) -> list[Row]:
-                    if more is None or live >= self.max_batch_size:
+                def admit(live: int) -> list[Row]:
+                    if live >= self.max_batch_size:
                         return []
-                    joined = add(more(self.max_batch_size - live))
-                    chunk += joined
-                    return [rows[i] for i in joined]
+                    return [pending[i][0] for i in add(more(self.max_batch_size - live))]
 
-                for i in chunk:
-                    started[i] = time.perf_counter()
+                for i in range(start, start + size):
+                    row, prefix, _ = pending[i]
+                    pending[i] = (row, prefix, time.perf_counter())
                 jacobi_decode(
                     self.model,
-                    [rows[i] for i in chunk],
+                    [pending[i][0] for i in range(start, start + size)],
                     stop_ids=self.stop_ids,
                     pad_id=self.pad_id,
                     max_new_tokens=opts.max_new_tokens,
                     block_size=block,
                     max_iterations=opts.max_iterations,
                     policy=self.policy if block is None else None,
-                    on_tokens=None if on_tokens is None else (lambda j, t, c=chunk: on_tokens(c[j], t)),
-                    is_cancelled=None if is_cancelled is None else (lambda j, c=chunk: is_cancelled(c[j])),
+                    on_tokens=None if on_tokens is None else (lambda j, t, f=index: on_tokens(f(j), t)),
+                    is_cancelled=None if is_cancelled is None else (lambda j, f=index: is_cancelled(f(j))),
                     admit=None if more is None else admit,
-                    on_finish=lambda j, c=chunk: finish(c[j]),
+                    on_finish=lambda j, f=index: finish(f(j)),
                 )
-        return [results[i] for i in range(len(rows))]
+        return [results[i] for i in range(n_items)]
 
     def generate(self, item: RefineItem | dict[str, Any], *, max_new_tokens: int = 256) -> RefineResult:
         """The baseline every speed figure is measured against: transformers' greedy

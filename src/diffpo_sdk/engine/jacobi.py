@@ -17,8 +17,9 @@ fast row never makes the others pay for its lead. Models with sliding-window lay
 
 Rows can join a running batch between passes (continuous batching): newcomers' prompts are
 prefilled in a pass of their own, their cache rows are stacked under the others' (right
-aligned, masked slots in front), and from the next pass on they decode like every row. Slots that no live row uses any more are cut from the front, so a batch
-that never drains does not grow its cache for ever.
+aligned, masked slots in front), and from the next pass on they decode like every row.
+Slots that no live row uses any more are cut from the front, and finished rows are
+forgotten, so a batch that never drains does not grow for ever.
 """
 
 from __future__ import annotations
@@ -200,19 +201,22 @@ def jacobi_decode(
     """
     if not rows:
         return
-    rows = list(rows)
+    # Rows by id (their index in ``rows``, then in order of joining), dropped once done, so
+    # a batch that never drains holds only its live rows.
+    rows = dict(enumerate(rows))
+    next_id = len(rows)
     device = next(model.parameters()).device
     N = max_new_tokens
     cap_block = block_size or 32
     cache_kw = _cache_kwarg(model)
     cache = _new_cache(model)
 
-    # Batch bookkeeping: `live[j]` is the index into `rows` of batch row j.
-    live = list(range(len(rows)))
-    p_max = max(len(r.prompt) for r in rows)
-    offsets = torch.tensor([p_max - len(r.prompt) for r in rows], device=device)
+    # Batch bookkeeping: `live[j]` is the id of batch row j.
+    live = list(rows)
+    p_max = max(len(r.prompt) for r in rows.values())
+    offsets = torch.tensor([p_max - len(r.prompt) for r in rows.values()], device=device)
     # Each row's committed tokens (left pads + prompt + answer) and how many of them are cached.
-    committed: list[list[int]] = [[pad_id] * (p_max - len(r.prompt)) + list(r.prompt) for r in rows]
+    committed = {i: [pad_id] * (p_max - len(r.prompt)) + list(r.prompt) for i, r in rows.items()}
     cached = torch.zeros(len(rows), dtype=torch.long, device=device)
     slot_mask = torch.zeros((len(rows), 0), dtype=torch.long, device=device)  # 0: pad or hole
     holes = not _has_sliding_window(model.config)
@@ -320,6 +324,9 @@ def jacobi_decode(
                 idx = torch.tensor(keep_rows, device=device)
                 cache.batch_select_indices(idx)
                 offsets, cached, slot_mask = offsets[idx], cached[idx], slot_mask[idx]
+            for i in live:
+                if rows[i].done:
+                    del rows[i], committed[i]
             live = [live[j] for j in keep_rows]
 
         if holes and _plain_layers(cache):
@@ -341,9 +348,9 @@ def jacobi_decode(
                     width = max(slot_mask.shape[1], new_mask.shape[1])
                     slot_mask = torch.cat([_pad_left(slot_mask, width), _pad_left(new_mask, width)])
                     for r in joining:
-                        live.append(len(rows))
-                        rows.append(r)
-                        committed.append(list(r.prompt))
+                        live.append(next_id)
+                        rows[next_id], committed[next_id] = r, list(r.prompt)
+                        next_id += 1
                     offsets = torch.cat([offsets, torch.zeros(len(joining), dtype=torch.long, device=device)])
                     cached = torch.cat([cached, torch.tensor(lens, device=device)])
 

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,8 +83,10 @@ class Job:
     cancelled: bool = False
     #: Filled when the batch runs: queue_ms, engine_ms, batch_items, batch_requests, batch_passes.
     stats: dict[str, float] = field(default_factory=dict)
-    # tokens already delivered per item, so a retried (split) batch does not stream twice
+    # tokens already delivered per item, so a retried (split) batch does not stream twice,
+    # and tokens seen per item in the current engine attempt
     sent: list[int] = field(default_factory=list)
+    seen: list[int] = field(default_factory=list)
     queue_span: Any = None
     # set on the engine thread when the job joins a batch
     joined: float = 0.0
@@ -98,20 +100,20 @@ Row = tuple[Job, int]  # (job, item index within the job)
 
 @dataclass(eq=False)
 class Run:
-    """One engine batch as it runs: its rows in the engine's numbering, as jobs join and leave."""
+    """One engine batch as it runs. Only unfinished jobs are held: a batch that never drains
+    under steady traffic must not keep every request it ever served."""
 
     key: OptionsKey
-    rows: list[Row] = field(default_factory=list)
-    jobs: list[Job] = field(default_factory=list)
-    results: dict[int, Any] = field(default_factory=dict)  # engine row index -> result
-    finished: set[int] = field(default_factory=set)  # ids of the jobs whose results went out
+    rows: dict[int, Row] = field(default_factory=dict)  # engine row index -> (job, item), until done
+    jobs: list[Job] = field(default_factory=list)  # unfinished jobs, in joining order
+    results: dict[int, Any] = field(default_factory=dict)  # engine row index -> result, until its job is done
+    engine_rows: dict[int, list[int]] = field(default_factory=dict)  # id(job) -> its engine row indices
+    served_items: int = 0
+    served_jobs: int = 0
 
     @property
     def live(self) -> int:
         return len(self.rows) - len(self.results)
-
-    def job_rows(self, job: Job) -> list[int]:
-        return [i for i, (j, _) in enumerate(self.rows) if j is job]
 
 
 class Batcher:
@@ -301,8 +303,8 @@ class Batcher:
             self.metrics.inflight_items.set(0)
         m = self.metrics
         m.batch_seconds.observe(time.monotonic() - start)
-        m.batch_items.observe(len(run.rows))
-        m.batch_requests.observe(len(run.jobs))
+        m.batch_items.observe(run.served_items)
+        m.batch_requests.observe(run.served_jobs)
 
     def _end_queue_span(self, job: Job, *, cancelled: bool) -> None:
         if job.queue_span is not None:
@@ -317,10 +319,14 @@ class Batcher:
         now = time.monotonic()
         for job in jobs:
             run.jobs.append(job)
-            run.rows += [(job, k) for k in range(len(job.items))]
+            first = run.served_items
+            run.engine_rows[id(job)] = list(range(first, first + len(job.items)))
+            run.rows.update((first + k, (job, k)) for k in range(len(job.items)))
+            run.served_items += len(job.items)
+            run.served_jobs += 1
         for job in jobs:
-            job.joined = now
-            job.batch_size, job.batch_requests = run.live, len(run.jobs) - len(run.finished)
+            job.joined, job.seen = now, [0] * len(job.items)
+            job.batch_size, job.batch_requests = run.live, len(run.jobs)
             self._end_queue_span(job, cancelled=False)
             self.metrics.queue_wait.observe(now - job.enqueued)
             job.batch_span = self.tracer.start_span("diffpo.engine.batch", context=job.parent)
@@ -335,23 +341,26 @@ class Batcher:
         except Exception as e:  # noqa: BLE001 (whatever it is, it goes back to its own requests)
             log.warning("an engine batch of %d requests failed (%s): retrying the unfinished ones apart",
                         len(run.jobs), type(e).__name__)
-            left = [job for job in run.jobs if id(job) not in run.finished]
+            left = list(run.jobs)
             rows = [(job, k) for job in left for k in range(len(job.items))]
             for (job, k), outcome in zip(rows, self._refine_rows(rows, run.key, e)):
-                run.results[run.rows.index((job, k))] = outcome
+                run.results[run.engine_rows[id(job)][k]] = outcome
             for job in left:
                 self._finish(run, job)
             return
         for i, result in enumerate(returned):  # an engine that did not report each result as it went
-            run.results.setdefault(i, result)
-        for job in run.jobs:
-            if id(job) not in run.finished:
-                self._finish(run, job)
+            if i in run.rows:
+                run.results.setdefault(i, result)
+        for job in list(run.jobs):
+            self._finish(run, job)
 
     def _finish(self, run: Run, job: Job) -> None:
         """All of a job's items are done: close its span, count it, hand its results back."""
-        run.finished.add(id(job))
-        results = [run.results[i] for i in run.job_rows(job)]
+        run.jobs.remove(job)
+        indices = run.engine_rows.pop(id(job))
+        results = [run.results.pop(i) for i in indices]
+        for i in indices:
+            del run.rows[i]
         engine_s = time.monotonic() - job.joined
         self._job_s_ema = 0.8 * self._job_s_ema + 0.2 * engine_s
         done = [r for r in results if not isinstance(r, BaseException)]
@@ -394,15 +403,14 @@ class Batcher:
         def on_result(i: int, result: Any) -> None:
             run.results[i] = result
             job = run.rows[i][0]
-            if all(k in run.results for k in run.job_rows(job)):
+            if all(k in run.results for k in run.engine_rows[id(job)]):
                 self._finish(run, job)
 
         return self._engine_refine(run.rows, run.key, items, more=more, on_result=on_result)
 
-    def _engine_refine(self, rows: list[Row], key: OptionsKey, items: list[RefineItem], **kw: Any) -> list[Any]:
+    def _engine_refine(self, rows: Mapping[int, Row] | list[Row], key: OptionsKey, items: list[RefineItem], **kw: Any) -> list[Any]:
         """``engine.refine`` over ``rows`` with streaming and cancellation wired to their jobs."""
         block_size, max_new_tokens, max_iterations, keep_draft_prefix = key
-        seen: dict[int, int] = {}  # tokens seen per row in this attempt
         loop = self._loop
         lock = threading.Lock()
 
@@ -411,8 +419,8 @@ class Batcher:
             if job.on_tokens is None or loop is None:
                 return
             with lock:
-                skip = max(0, job.sent[k] - seen.get(i, 0))  # already streamed by an earlier attempt
-                seen[i] = seen.get(i, 0) + len(ids)
+                skip = max(0, job.sent[k] - job.seen[k])  # already streamed by an earlier attempt
+                job.seen[k] += len(ids)
                 fresh = list(ids[skip:])
                 job.sent[k] += len(fresh)
             if fresh:
@@ -443,6 +451,8 @@ class Batcher:
         try:
             if error is not None:
                 raise error
+            for job, _ in rows:
+                job.seen = [0] * len(job.items)
             return list(self._engine_refine(rows, key, [job.items[k] for job, k in rows]))
         except Exception as e:  # noqa: BLE001
             if is_oom(e):
