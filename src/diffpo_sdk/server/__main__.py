@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=d.port)
     p.add_argument("--api-key", default=os.environ.get("DIFFPO_API_KEY"),
                    help="Bearer token clients must send (default: $DIFFPO_API_KEY; prefer the env var, argv is visible to ps)")
-    p.add_argument("--max-batch-items", type=int, default=d.max_batch_items, help="most items per engine batch")
+    p.add_argument("--max-batch-items", type=int, default=d.max_batch_items, help="most items decoding at once in the engine batch; requests join as others finish")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms, help="how long a batch waits for company")
     p.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting requests before 429")
     p.add_argument("--request-timeout", type=float, default=d.request_timeout, help="per-request deadline, seconds")

@@ -19,7 +19,8 @@ class ServerConfig:
     port: int = 8000
     #: Bearer token clients must send; required when ``host`` is not loopback.
     api_key: str | None = None
-    #: Most items one engine batch holds (a single larger request still runs, alone).
+    #: Most items decoding at once in the engine batch, joiners included (a single larger
+    #: request still runs, alone).
     max_batch_items: int = 16
     #: How long the first request of a batch may wait for others to join.
     max_wait_ms: float = 10.0
