@@ -214,16 +214,17 @@ def jacobi_decode(
     # Batch bookkeeping: `live[j]` is the id of batch row j.
     live = list(rows)
     p_max = max(len(r.prompt) for r in rows.values())
-    offsets = torch.tensor([p_max - len(r.prompt) for r in rows.values()], device=device)
-    # Each row's committed tokens (left pads + prompt + answer) and how many of them are cached.
+    # Per batch row, on the host: left pads, and how many committed tokens (pads + prompt +
+    # answer) are cached; row j's next position id is cached[j] - offsets[j].
+    offsets = [p_max - len(r.prompt) for r in rows.values()]
+    cached = [0] * len(rows)
     committed = {i: [pad_id] * (p_max - len(r.prompt)) + list(r.prompt) for i, r in rows.items()}
-    cached = torch.zeros(len(rows), dtype=torch.long, device=device)
     slot_mask = torch.zeros((len(rows), 0), dtype=torch.long, device=device)  # 0: pad or hole
     holes = not _has_sliding_window(model.config)
+    reshapable: bool | None = None  # whether we may cut slots and stack rows (known after a pass)
 
     while live:
-        n_cached = cached.tolist()
-        uncached = [len(committed[i]) - n for i, n in zip(live, n_cached)]
+        uncached = [len(committed[i]) - n for i, n in zip(live, cached)]
         u_max = max(uncached)
         room = max(N - len(rows[i].answer) for i in live)
         if block_size is not None:
@@ -237,11 +238,12 @@ def jacobi_decode(
         for j, i in enumerate(live):
             c, u = len(rows[i].answer), uncached[j]
             g = rows[i].guess[c : c + W - u]
-            fed_rows.append(committed[i][n_cached[j] :] + g + [pad_id] * (W - u - len(g)))
+            fed_rows.append(committed[i][cached[j] :] + g + [pad_id] * (W - u - len(g)))
         fed = torch.tensor(fed_rows, dtype=torch.long).to(device, non_blocking=True)
 
         steps = torch.arange(W, device=device)
-        position_ids = (cached - offsets)[:, None] + steps[None, :]
+        start = torch.tensor([c - o for c, o in zip(cached, offsets)], device=device)
+        position_ids = start[:, None] + steps[None, :]
         fed_mask = (position_ids >= 0).long()  # left pads of the first pass
         attention_mask = torch.cat([slot_mask, fed_mask], dim=1)
         position_ids = position_ids.clamp_min(0)
@@ -314,45 +316,49 @@ def jacobi_decode(
         k = max(valid) if holes else min(valid)
         if W > k:
             cache.crop(-(W - k))
-        took = torch.tensor([min(v, k) for v in verified], device=device)
-        slot_mask = torch.cat([slot_mask, fed_mask[:, :k] * (steps[None, :k] < took[:, None])], dim=1)
-        cached = cached + took
+        took = [min(v, k) for v in verified]
+        kept = steps[None, :k] < torch.tensor(took, device=device)[:, None]
+        slot_mask = torch.cat([slot_mask, fed_mask[:, :k] * kept], dim=1)
+        cached = [c + t for c, t in zip(cached, took)]
+        if reshapable is None:
+            reshapable = holes and _plain_layers(cache)
 
         keep_rows = [j for j, i in enumerate(live) if not rows[i].done]
         if len(keep_rows) < len(live):
             if keep_rows:
                 idx = torch.tensor(keep_rows, device=device)
                 cache.batch_select_indices(idx)
-                offsets, cached, slot_mask = offsets[idx], cached[idx], slot_mask[idx]
+                slot_mask = slot_mask[idx]
+                offsets, cached = [offsets[j] for j in keep_rows], [cached[j] for j in keep_rows]
             for i in live:
                 if rows[i].done:
                     del rows[i], committed[i]
             live = [live[j] for j in keep_rows]
+            if reshapable:
+                # Rows left: cut the front slots no live row uses (their pads, spans from before
+                # a join). Only a row leaving can free a slot, so this runs only then.
+                used = slot_mask.any(dim=0).nonzero()
+                lo = int(used[0]) if len(used) else 0
+                if lo >= 32:
+                    _slice_slots(cache, lo)
+                    slot_mask = slot_mask[:, lo:]
 
-        if holes and _plain_layers(cache):
-            # Cut the front slots no live row uses (pads, holes, spans from before a join).
-            used = slot_mask.any(dim=0).nonzero()
-            lo = int(used[0]) if len(used) else 0
-            if lo >= 32:
-                _slice_slots(cache, lo)
-                slot_mask = slot_mask[:, lo:]
-            if admit is not None:
-                joining = list(admit(len(live)))
-                if joining:
-                    # Prefill the newcomers apart (all but their last prompt token, which they feed
-                    # with guesses next pass like every other row): feeding whole prompts in the
-                    # shared pass would make every row's pass as wide as the longest prompt.
-                    lens = [len(r.prompt) - 1 for r in joining]
-                    new_mask, new_cache = _prefill(model, [r.prompt[:-1] for r in joining], pad_id, cache_kw, policy)
-                    _append_rows(cache, new_cache, len(joining))
-                    width = max(slot_mask.shape[1], new_mask.shape[1])
-                    slot_mask = torch.cat([_pad_left(slot_mask, width), _pad_left(new_mask, width)])
-                    for r in joining:
-                        live.append(next_id)
-                        rows[next_id], committed[next_id] = r, list(r.prompt)
-                        next_id += 1
-                    offsets = torch.cat([offsets, torch.zeros(len(joining), dtype=torch.long, device=device)])
-                    cached = torch.cat([cached, torch.tensor(lens, device=device)])
+        joining = list(admit(len(live))) if reshapable and admit is not None else []
+        if joining:
+            # Prefill the newcomers apart (all but their last prompt token, which they feed
+            # with guesses next pass like every other row): feeding whole prompts in the
+            # shared pass would make every row's pass as wide as the longest prompt.
+            lens = [len(r.prompt) - 1 for r in joining]
+            new_mask, new_cache = _prefill(model, [r.prompt[:-1] for r in joining], pad_id, cache_kw, policy)
+            _append_rows(cache, new_cache, len(joining))
+            width = max(slot_mask.shape[1], new_mask.shape[1])
+            slot_mask = torch.cat([_pad_left(slot_mask, width), _pad_left(new_mask, width)])
+            for r in joining:
+                live.append(next_id)
+                rows[next_id], committed[next_id] = r, list(r.prompt)
+                next_id += 1
+            offsets += [0] * len(joining)
+            cached += lens
 
 
 def _prefill(model: torch.nn.Module, prompts: list[list[int]], pad_id: int, cache_kw: str,
@@ -392,17 +398,21 @@ def _slice_slots(cache: Any, lo: int) -> None:
 
 
 def _append_rows(cache: Any, new: Any, n: int) -> None:
-    """Stack the ``n`` rows of cache ``new`` (or empty rows) under ``cache``, both right-aligned."""
+    """Stack the ``n`` rows of cache ``new`` (None: rows with no slots) under ``cache``, right-aligned."""
     for i, layer in enumerate(cache.layers):
         k, v = layer.keys, layer.values
         if new is None:
-            nk, nv = k.new_zeros((n, *k.shape[1:2], 0, k.shape[3])), v.new_zeros((n, *v.shape[1:2], 0, v.shape[3]))
+            nk, nv = (t.new_zeros((n, t.shape[1], 0, t.shape[3])) for t in (k, v))
         else:
             nk, nv = new.layers[i].keys, new.layers[i].values
         width = max(k.shape[2], nk.shape[2])
-        pad = [(0, 0, width - t.shape[2], 0) for t in (k, nk)]
-        layer.keys = torch.cat([torch.nn.functional.pad(k, pad[0]), torch.nn.functional.pad(nk, pad[1])])
-        layer.values = torch.cat([torch.nn.functional.pad(v, pad[0]), torch.nn.functional.pad(nv, pad[1])])
+        layer.keys = torch.cat([_pad_slots(k, width), _pad_slots(nk, width)])
+        layer.values = torch.cat([_pad_slots(v, width), _pad_slots(nv, width)])
+
+
+def _pad_slots(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Masked (zero) slots in front of (batch, heads, slots, dim) keys or values."""
+    return torch.nn.functional.pad(t, (0, 0, width - t.shape[2], 0))
 
 
 def _has_sliding_window(config: Any) -> bool:
