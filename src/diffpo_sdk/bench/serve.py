@@ -176,14 +176,17 @@ async def bench(args: argparse.Namespace, url: str) -> dict[str, Any]:
             samples: list[float] = []
 
             async def sample_rss() -> None:
-                while True:
-                    samples.append(round((await server_metric(client, "process_resident_memory_bytes") or 0) / 2**20, 1))
-                    await asyncio.sleep(args.soak_seconds / 6)
+                samples.append(round((await server_metric(client, "process_resident_memory_bytes") or 0) / 2**20, 1))
 
-            sampler = asyncio.create_task(sample_rss())
+            async def sample_every(seconds: float) -> None:
+                while True:
+                    await sample_rss()
+                    await asyncio.sleep(seconds)
+
+            sampler = asyncio.create_task(sample_every(args.soak_seconds / 6))
             soak = await run_level(client, items, options, args.soak_clients, seconds=args.soak_seconds)
             sampler.cancel()
-            samples.append(round((await server_metric(client, "process_resident_memory_bytes") or 0) / 2**20, 1))
+            await sample_rss()
             soak.update(rss_before_mb=samples[0], rss_after_mb=samples[-1], rss_samples_mb=samples)
         queue_after = await server_metric(client, "diffpo_queue_depth")
     return {

@@ -334,10 +334,23 @@ class Batcher:
         return [job.items[k] for job in jobs for k in range(len(job.items))]
 
     def _run_engine(self, run: Run, jobs: list[Job]) -> None:
-        """Decode the batch, letting waiting jobs join it; each job's answer goes out as it is done."""
+        """Decode the batch, letting waiting jobs join it between passes; each job's answer goes
+        out as soon as its items are done."""
+
+        def more(free: int) -> list[RefineItem]:
+            room = min(free, self.config.max_batch_items - run.live)
+            joiners = self._take_joiners(run, room) if room > 0 else []
+            return self._join(run, joiners) if joiners else []
+
+        def on_result(i: int, result: Any) -> None:
+            run.results[i] = result
+            job = run.rows[i][0]
+            if all(k in run.results for k in run.engine_rows[id(job)]):
+                self._finish(run, job)
+
         items = self._join(run, jobs)
         try:
-            returned = self._call_engine(run, items)
+            returned = self._engine_refine(run.rows, run.key, items, more=more, on_result=on_result)
         except Exception as e:  # noqa: BLE001 (whatever it is, it goes back to its own requests)
             log.warning("an engine batch of %d requests failed (%s): retrying the unfinished ones apart",
                         len(run.jobs), type(e).__name__)
@@ -391,22 +404,6 @@ class Batcher:
         span.end()
         if self._loop is not None:
             self._loop.call_soon_threadsafe(_resolve, job.future, results, error)
-
-    def _call_engine(self, run: Run, items: list[RefineItem]) -> list[Any]:
-        """One continuous engine batch over ``run``: joins between passes, results as they finish."""
-
-        def more(free: int) -> list[RefineItem]:
-            room = min(free, self.config.max_batch_items - run.live)
-            joiners = self._take_joiners(run, room) if room > 0 else []
-            return self._join(run, joiners) if joiners else []
-
-        def on_result(i: int, result: Any) -> None:
-            run.results[i] = result
-            job = run.rows[i][0]
-            if all(k in run.results for k in run.engine_rows[id(job)]):
-                self._finish(run, job)
-
-        return self._engine_refine(run.rows, run.key, items, more=more, on_result=on_result)
 
     def _engine_refine(self, rows: Mapping[int, Row] | list[Row], key: OptionsKey, items: list[RefineItem], **kw: Any) -> list[Any]:
         """``engine.refine`` over ``rows`` with streaming and cancellation wired to their jobs."""
