@@ -31,6 +31,7 @@ def reference(model, feats, weight: float, mask_mode: str, normalize: str):
     """Row by row, no padding, full softmax: eq. 4-6 written out directly."""
     ar_num = ar_den = 0.0
     kl_rows, kl_counts = [], []
+    guesses = right = 0
     for f in feats:
         p = torch.tensor([f["prompt"]])
         def logits_of(ans):
@@ -46,6 +47,10 @@ def reference(model, feats, weight: float, mask_mode: str, normalize: str):
         tp, sp = teacher.log_softmax(-1), ls.log_softmax(-1)
         kl = (tp.exp() * (tp - sp)).sum(-1)
         m = torch.tensor(f["teacher_mask"], dtype=torch.float)
+        for i in range(len(kl)):  # guesses: positions after a differing prefix
+            if m[i] and f["student"][:i] != f["teacher"][:i]:
+                guesses += 1
+                right += int(teacher[i].argmax() == ls[i].argmax())
         if mask_mode != "none":
             for i in range(len(kl)):
                 if f["student"][:i] == f["teacher"][:i]:
@@ -57,7 +62,7 @@ def reference(model, feats, weight: float, mask_mode: str, normalize: str):
     ar = ar_num / ar_den
     total = sum(kl_rows)
     con = total / max(sum(kl_counts), 1) if normalize == "token" else total / len(feats)
-    return ar + weight * con, ar, con
+    return ar + weight * con, ar, con, guesses, right
 
 
 @pytest.mark.parametrize("mask_mode,normalize", [("prefix", "token"), ("none", "sum"), ("argmax", "token")])
@@ -73,8 +78,9 @@ def test_loss_matches_reference(tiny, mask_mode: str, normalize: str, monkeypatc
                   "teacher_mask": ds.answer_mask(ds.items[1]["target"]), "teacher_is_target": False})
     batch = DiffPOCollator(ds.pad)(feats)
     out = diffpo_loss(model, batch, 3.0, mask=mask_mode, normalize=normalize, chunk=5)
-    ref_loss, ref_ar, ref_con = reference(model, feats, 3.0, mask_mode, normalize)
+    ref_loss, ref_ar, ref_con, guesses, right = reference(model, feats, 3.0, mask_mode, normalize)
     assert float(ref_con.detach()) > 0
+    assert (out.guesses, out.guesses_right) == (guesses, right) and guesses > 0
     torch.testing.assert_close(out.ar_loss, ref_ar.detach(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out.con_loss, ref_con.detach(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out.loss, ref_loss, rtol=1e-4, atol=1e-5)
@@ -148,7 +154,7 @@ def test_frontier_branches_equal_plain_forwards(tiny_llama_dir: str, attn: str) 
     branches = [[(0, 7), (2, [11, 12, 14]), (4, 13)], [(1, 5)]]
     batch = frontier_rows(prompts, fixed, branches, ds.pad)
     with torch.no_grad():
-        teacher, student = frontier_logits(model, batch, n)
+        fixed_logits, teacher, student = frontier_logits(model, batch, n)
 
         def last_logit(seq: list[int]) -> torch.Tensor:
             return model(input_ids=torch.tensor([seq])).logits[0, -1]
@@ -162,6 +168,8 @@ def test_frontier_branches_equal_plain_forwards(tiny_llama_dir: str, attn: str) 
                     torch.testing.assert_close(got, last_logit(p + y[:d] + ws[: i + 1]), rtol=1e-4, atol=1e-4)
                     torch.testing.assert_close(teacher[r, k], last_logit(p + y[: d + i + 1]), rtol=1e-4, atol=1e-4)
                     k += 1
+            for i in range(n):  # the clean path predicts y*_i from [x, y*_<i]
+                torch.testing.assert_close(fixed_logits[r, i], last_logit(p + y[:i]), rtol=1e-4, atol=1e-4)
     assert batch["frontier_valid"].tolist() == [[1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
     assert batch["frontier_pos"][0].tolist() == [0, 2, 3, 4, 4]
 
@@ -183,13 +191,14 @@ def test_frontier_loss_counts_valid_branches_and_trains_only_the_student(tiny) -
     for kind in ("kl", "ce"):
         out = diffpo_loss(model, batch, 2.0, mask="none", kind=kind)
         with torch.no_grad():
-            teacher, student = frontier_logits(model, batch, n)
+            _, teacher, student = frontier_logits(model, batch, n)
             per = (token_kl(teacher, student) if kind == "kl" else
                    torch.nn.functional.cross_entropy(student.transpose(1, 2), teacher.argmax(-1), reduction="none"))
             v = batch["frontier_valid"].float()
             ref = (per * v).sum() / v.sum()
         torch.testing.assert_close(out.con_loss, ref, rtol=1e-4, atol=1e-5)
-        assert out.con_positions == int(v.sum())
+        assert out.con_positions == out.guesses == int(v.sum())
+        assert out.guesses_right == int(((teacher.argmax(-1) == student.argmax(-1)).float() * v).sum())
     params = [p for p in model.parameters() if p.requires_grad]
     model.zero_grad()
     diffpo_loss(model, batch, 1.0, mask="none").loss.backward()
@@ -199,9 +208,36 @@ def test_frontier_loss_counts_valid_branches_and_trains_only_the_student(tiny) -
     g_ar = [p.grad.clone() for p in params]
     model.zero_grad()
     with torch.no_grad():
-        teacher, _ = frontier_logits(model, batch, n)
-    _, student = frontier_logits(model, batch, n)
+        _, teacher, _ = frontier_logits(model, batch, n)
+    _, _, student = frontier_logits(model, batch, n)
     v = batch["frontier_valid"].float()
     ((token_kl(teacher, student) * v).sum() / v.sum()).backward()
     for full, ar, p in zip(g_full, g_ar, params):
         torch.testing.assert_close(full - ar, p.grad, rtol=1e-3, atol=1e-6)
+
+
+def test_fixed_point_term_is_the_refiners_own_greedy_answer_loss(tiny) -> None:
+    """``fixed_point_weight`` adds L_AR on y* (its answer tokens and stop, not the filler), as
+    an ordinary forward of ``[x, y*]`` computes it, and nothing else."""
+    model, tok = tiny
+    n = 8
+    y = tok("Blue is a colour.", add_special_tokens=False)["input_ids"][: n - 3] + [2]
+    states = [{"fixed_point": y, "states": [[5] * n, [6] * n]} for _ in RECORDS]
+    ds = TrajectoryDataset([dict(r) for r in RECORDS], tok, n=n, source="frontier", states=states, branches=3)
+    batch = DiffPOCollator(ds.pad)([ds.get(i, deterministic=True) for i in range(len(ds))])
+    assert batch["frontier_fixed_mask"][0].tolist() == [1] * len(y) + [0] * (n - len(y))
+    with torch.no_grad():
+        plain = diffpo_loss(model, batch, 1.0, mask="none")
+        anchored = diffpo_loss(model, batch, 1.0, mask="none", fixed_point_weight=0.5)
+        nll = []
+        for i in range(len(ds)):
+            seq = torch.tensor([ds.items[i]["prompt"] + ds.padded(y)])
+            logits = model(input_ids=seq).logits[0, -n - 1:-1]
+            nll.append(torch.nn.functional.cross_entropy(logits[: len(y)], torch.tensor(y), reduction="sum"))
+        ref = sum(nll) / (len(y) * len(ds))
+    assert plain.fixed_loss is None
+    torch.testing.assert_close(anchored.fixed_loss, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(anchored.loss, plain.loss + 0.5 * ref, rtol=1e-4, atol=1e-5)
+    # with w = 0 (the warm-up's first step) the fixed-point term still counts
+    early = diffpo_loss(model, batch, 0.0, mask="none", fixed_point_weight=0.5)
+    torch.testing.assert_close(early.loss, plain.ar_loss + 0.5 * ref, rtol=1e-4, atol=1e-5)

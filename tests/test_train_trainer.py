@@ -51,9 +51,9 @@ def test_few_steps_lower_both_losses(tiny_llama_dir: str, tmp_path: Path) -> Non
     assert logged and {"ar_loss", "con_loss", "consistency_weight"} <= set(logged[0])
 
 
-@pytest.mark.parametrize("kind,depth", [("kl", 1), ("ce", 2)])
+@pytest.mark.parametrize("kind,depth,fixed_point_weight", [("kl", 1, 0.0), ("ce", 2, 1.0)])
 def test_frontier_source_lowers_its_consistency_loss(tiny_llama_dir: str, tmp_path: Path, kind: str,
-                                                     depth: int) -> None:
+                                                     depth: int, fixed_point_weight: float) -> None:
     from diffpo_sdk.train.evaluate import heldout_losses
     from diffpo_sdk.train.states import build_states
 
@@ -70,11 +70,16 @@ def test_frontier_source_lowers_its_consistency_loss(tiny_llama_dir: str, tmp_pa
     collate = DiffPOCollator(ds.pad)
     before = heldout_losses(model, ds, collate, mask="none", kind=kind)
     args = config(tmp_path, consistency_weight=1.0, consistency_mask="none", consistency_loss=kind,
-                  trajectory_source="frontier", frontier_depth=depth, max_steps=8, learning_rate=1e-2)
-    DiffPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok).train()
+                  trajectory_source="frontier", frontier_depth=depth, max_steps=8, learning_rate=1e-2,
+                  fixed_point_weight=fixed_point_weight)
+    trainer = DiffPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    trainer.train()
     after = heldout_losses(model, ds, collate, mask="none", kind=kind)
     assert after["con_loss"] < 0.8 * before["con_loss"]
     assert after["ar_loss"] < before["ar_loss"]
+    assert after["guess_accuracy"] > before["guess_accuracy"]
+    logged = [h for h in trainer.state.log_history if "ar_loss" in h]
+    assert ("fixed_point_loss" in logged[0]) == bool(fixed_point_weight)
 
 
 def test_collapse_guard_stops_and_restores(tiny_llama_dir: str, tmp_path: Path) -> None:

@@ -123,7 +123,7 @@ def build_datasets(cfg: Any, model: Any, tok: Any) -> tuple[Any, Any, list[dict]
 
 def model_card(cfg: Any, table: str, base_metrics: dict | None, final: dict | None, guard: str | None) -> str:
     keys = ["consistency_weight", "consistency_warmup_ratio", "consistency_mask", "consistency_normalize",
-            "consistency_loss", "frontier_branches", "frontier_depth",
+            "consistency_loss", "frontier_branches", "frontier_depth", "fixed_point_weight",
             "trajectory_source", "max_response_tokens", "learning_rate", "num_train_epochs", "max_steps",
             "per_device_train_batch_size", "gradient_accumulation_steps", "lora_r", "seed"]
     conf = "\n".join(f"- `{k}`: {getattr(cfg, k)}" for k in keys)
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.trainer_utils import get_last_checkpoint
 
     from .evaluate import evaluate_refiner, write_table
-    from .trainer import DiffPOTrainer
+    from .trainer import DiffPOTrainer, loss_kwargs
 
     if os.environ.get("DIFFPO_TRAIN_THREADS"):
         torch.set_num_threads(int(os.environ["DIFFPO_TRAIN_THREADS"]))
@@ -156,8 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
     block: int | str = cfg.max_response_tokens if cfg.eval_block_size == "full" else (
         cfg.eval_block_size if cfg.eval_block_size == "auto" else int(cfg.eval_block_size))
-    loss_kw = {"mask": cfg.consistency_mask, "normalize": cfg.consistency_normalize, "chunk": cfg.kl_chunk,
-               "kind": cfg.consistency_loss}
+    loss_kw = loss_kwargs(cfg)
     columns: dict[str, dict[str, float]] = {}
     resume = cfg.resume_from_checkpoint
     if resume in ("true", "True", "last"):

@@ -4,6 +4,9 @@
   forgets how to write good answers.
 - ``repetition``: share of repeated 3-grams in refined outputs; the signature of collapse
   (a model that ignores its prefix loops).
+- ``guess_accuracy``: share of the consistency term's student positions (after a wrong
+  token) whose greedy token is already the teacher's: the skill Jacobi speed rests on,
+  measured on every branch of every held-out prompt rather than a few refined answers.
 - ``passes_per_token``: forward passes per refined token when the engine refines held-out
   drafts (other models' answers) and held-out partial Jacobi states; 1.0 = autoregressive.
 - ``preference_accuracy``: how often the target gets a higher length-normalised
@@ -35,13 +38,15 @@ def repetition_rate(sequences: list[list[int]], n: int = 3) -> float:
 @torch.no_grad()
 def heldout_losses(model: Any, dataset: Any, collator: Any, batch_size: int = 8,
                    weight: float = 1.0, **loss_kw: Any) -> dict[str, float]:
-    """Token-weighted L_AR on the targets and L_Con (deterministic students) over a dataset."""
+    """Token-weighted L_AR on the targets, L_Con (deterministic students) and the guess
+    accuracy (student positions after a wrong token that already predict the teacher's token)."""
     from .loss import diffpo_loss
 
     was = model.training
     model.eval()
     device = next(model.parameters()).device
     ar_sum = ar_n = con_sum = batches = 0.0
+    guesses = right = 0
     for i in range(0, len(dataset), batch_size):
         batch = collator([dataset.get(j, deterministic=True) for j in range(i, min(i + batch_size, len(dataset)))])
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -51,8 +56,13 @@ def heldout_losses(model: Any, dataset: Any, collator: Any, batch_size: int = 8,
         ar_n += n
         con_sum += float(out.con_loss)
         batches += 1
+        guesses += out.guesses
+        right += out.guesses_right
     model.train(was)
-    return {"ar_loss": ar_sum / max(ar_n, 1), "con_loss": con_sum / max(batches, 1)}
+    metrics = {"ar_loss": ar_sum / max(ar_n, 1), "con_loss": con_sum / max(batches, 1)}
+    if guesses:
+        metrics["guess_accuracy"] = right / guesses
+    return metrics
 
 
 @torch.no_grad()
@@ -110,7 +120,10 @@ def evaluate_refiner(model: Any, tokenizer: Any, dataset: Any, *, draft_items: l
     from .trainer import DiffPOCollator
 
     collator = DiffPOCollator(dataset.pad)
-    out = {"heldout_ar_loss": heldout_losses(model, dataset, collator, batch_size, **loss_kw)["ar_loss"]}
+    losses = heldout_losses(model, dataset, collator, batch_size, **loss_kw)
+    out = {"heldout_ar_loss": losses["ar_loss"]}
+    if "guess_accuracy" in losses:
+        out["guess_accuracy"] = losses["guess_accuracy"]
     drafts = refine_metrics(model, tokenizer, draft_items, dataset.n, block_size)
     out["repetition"] = drafts["repetition"]
     out["passes_per_token_drafts"] = drafts["passes_per_token"]
@@ -124,6 +137,7 @@ def evaluate_refiner(model: Any, tokenizer: Any, dataset: Any, *, draft_items: l
 LABELS = {
     "heldout_ar_loss": "held-out L_AR on targets",
     "repetition": "repeated 3-grams in refined outputs",
+    "guess_accuracy": "Jacobi guesses right after a wrong token",
     "passes_per_token_drafts": "passes/token, held-out drafts",
     "passes_per_token_states": "passes/token, held-out Jacobi states",
     "preference_accuracy": "preference accuracy",

@@ -43,6 +43,12 @@ class LossOutput:
     con_loss: torch.Tensor
     weight: float
     con_positions: int
+    fixed_loss: torch.Tensor | None = None
+    #: student positions whose prefix differs from the teacher's, and how many of them already
+    #: have the teacher's greedy token: what Jacobi acceptance checks (a steadier speed signal
+    #: than counting the engine's passes on a few prompts)
+    guesses: int = 0
+    guesses_right: int = 0
 
 
 def pad_answer(ids: list[int], n: int, eot: int) -> list[int]:
@@ -107,11 +113,16 @@ def frontier_rows(prompts: list[list[int]], fixed: list[list[int]], branches: li
                 bpos[r, j + i], valid[r, j + i] = d + i, 1
             j += len(ws)
     return {"frontier_ids": ids, "frontier_position_ids": pos, "frontier_allow": allow[:, None],
-            "frontier_pos": bpos, "frontier_valid": valid}
+            "frontier_pos": bpos, "frontier_valid": valid, "frontier_fixed": torch.tensor(fixed, dtype=torch.long)}
 
 
-def frontier_logits(model: Any, batch: dict[str, torch.Tensor], n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(teacher, student) logits, (B, K, V) each, for the packed rows of :func:`frontier_rows`."""
+def frontier_logits(model: Any, batch: dict[str, torch.Tensor], n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits of the packed rows of :func:`frontier_rows`: ``(fixed, teacher, student)``.
+
+    ``fixed`` (B, N, V) predicts y*_0..y*_N-1 on the clean path (with gradient: the
+    fixed-point term trains it); ``teacher`` (B, K, V), detached, is the clean logit at each
+    branch's position; ``student`` (B, K, V) are the branches' own logits.
+    """
     allow = batch["frontier_allow"]
     config = getattr(model, "config", None)
     if getattr(config, "_attn_implementation", "sdpa") != "sdpa":  # eager & co. add the mask
@@ -119,10 +130,10 @@ def frontier_logits(model: Any, batch: dict[str, torch.Tensor], n: int) -> tuple
         allow = torch.zeros(allow.shape, dtype=dtype, device=allow.device).masked_fill(~allow, torch.finfo(dtype).min)
     k = batch["frontier_pos"].shape[1]
     logits = model(input_ids=batch["frontier_ids"], attention_mask=allow,
-                   position_ids=batch["frontier_position_ids"], logits_to_keep=n + k, use_cache=False).logits
-    clean, student = logits[:, :n], logits[:, n:]
+                   position_ids=batch["frontier_position_ids"], logits_to_keep=n + k + 1, use_cache=False).logits
+    fixed, clean, student = logits[:, :n], logits[:, 1:n + 1], logits[:, n + 1:]
     index = batch["frontier_pos"][..., None].expand(-1, -1, clean.shape[-1])
-    return clean.gather(1, index).detach(), student
+    return fixed, clean.gather(1, index).detach(), student
 
 
 def _kl_chunk(t_logits: torch.Tensor, s_logits: torch.Tensor) -> torch.Tensor:
@@ -193,7 +204,8 @@ def consistency_mask(student_ans: torch.Tensor, teacher_ans: torch.Tensor, base:
 
 
 def diffpo_loss(model: Any, batch: dict[str, torch.Tensor], weight: float, *, mask: str = "prefix",
-                normalize: str = "token", chunk: int = 16, kind: str = "kl") -> LossOutput:
+                normalize: str = "token", chunk: int = 16, kind: str = "kl",
+                fixed_point_weight: float = 0.0) -> LossOutput:
     """L_AR on the target + ``weight`` x L_Con of the student sequence toward the teacher.
 
     ``batch`` (from :class:`~diffpo_sdk.train.trainer.DiffPOCollator`): ``target_ids``,
@@ -208,6 +220,10 @@ def diffpo_loss(model: Any, batch: dict[str, torch.Tensor], weight: float, *, ma
     are the teachers.
 
     ``kind``: ``"kl"`` (the paper) or ``"ce"``, cross-entropy toward the teacher's argmax.
+
+    ``fixed_point_weight`` (frontier rows only) adds that times L_AR on the refiner's own
+    fixed point y*, read off the clean path of the same packed forward: it holds the greedy
+    answer in place while the branches learn to shrug off a wrong token.
     """
     if normalize not in NORMALIZE:
         raise ValueError(f"consistency normalize {normalize!r}: use one of {NORMALIZE}")
@@ -223,33 +239,43 @@ def diffpo_loss(model: Any, batch: dict[str, torch.Tensor], weight: float, *, ma
     ar = (nll * tmask).sum() / tmask.sum().clamp(min=1)
 
     zero = ar.new_zeros(())
-    if weight == 0 or ("student_ids" not in batch and "frontier_ids" not in batch):
+    anchored = bool(fixed_point_weight) and "frontier_ids" in batch
+    if (weight == 0 and not anchored) or ("student_ids" not in batch and "frontier_ids" not in batch):
         return LossOutput(ar, ar.detach(), zero, weight, 0)
 
+    fixed_loss = None
     if "frontier_ids" in batch:
-        teacher, s_logits = frontier_logits(model, batch, n)
-        div = divergence(teacher, s_logits, chunk)
+        f_logits, teacher, s_logits = frontier_logits(model, batch, n)
         cmask = batch["frontier_valid"].float()
+        if fixed_point_weight:
+            fmask = batch.get("frontier_fixed_mask", torch.ones_like(batch["frontier_fixed"])).float()
+            f_nll = token_nll(f_logits, batch["frontier_fixed"], chunk)
+            fixed_loss = (f_nll * fmask).sum() / fmask.sum().clamp(min=1)
+        base = cmask
         if mask == "argmax":
             with torch.no_grad():
                 cmask = cmask * (teacher.argmax(-1) != s_logits.argmax(-1)).float()
-        total = (div * cmask).sum()
-        con = total / cmask.sum().clamp(min=1) if normalize == "token" else total / div.shape[0]
-        return LossOutput(ar + weight * con, ar.detach(), con.detach(), weight, int(cmask.sum()))
-
-    teacher = t_logits.detach()
-    is_target = batch["teacher_is_target"].bool()
-    if not bool(is_target.all()):
-        with torch.no_grad():
-            other = answer_logits(model, batch["teacher_ids"], batch["teacher_attention_mask"], n)
-        teacher = torch.where(is_target[:, None, None], teacher, other)
-    s_logits = answer_logits(model, batch["student_ids"], batch["student_attention_mask"], n)
-    kl = divergence(teacher, s_logits, chunk)
-    cmask = consistency_mask(batch["student_answer"], batch["teacher_answer"], batch["teacher_mask"], mask,
-                             teacher, s_logits)
-    total = (kl * cmask).sum()
+    else:
+        teacher = t_logits.detach()
+        is_target = batch["teacher_is_target"].bool()
+        if not bool(is_target.all()):
+            with torch.no_grad():
+                other = answer_logits(model, batch["teacher_ids"], batch["teacher_attention_mask"], n)
+            teacher = torch.where(is_target[:, None, None], teacher, other)
+        s_logits = answer_logits(model, batch["student_ids"], batch["student_attention_mask"], n)
+        cmask = consistency_mask(batch["student_answer"], batch["teacher_answer"], batch["teacher_mask"], mask,
+                                 teacher, s_logits)
+        base = consistency_mask(batch["student_answer"], batch["teacher_answer"], batch["teacher_mask"], "prefix")
+    with torch.no_grad():
+        right = int(((teacher.argmax(-1) == s_logits.argmax(-1)).float() * base).sum())
+    div = divergence(teacher, s_logits, chunk)
+    total = (div * cmask).sum()
     if normalize == "token":
         con = total / cmask.sum().clamp(min=1)
     else:  # the paper's sum over N positions, averaged over the batch
-        con = total / kl.shape[0]
-    return LossOutput(ar + weight * con, ar.detach(), con.detach(), weight, int(cmask.sum()))
+        con = total / div.shape[0]
+    loss = ar + weight * con
+    if fixed_loss is not None:
+        loss = loss + fixed_point_weight * fixed_loss
+        fixed_loss = fixed_loss.detach()
+    return LossOutput(loss, ar.detach(), con.detach(), weight, int(cmask.sum()), fixed_loss, int(base.sum()), right)

@@ -49,6 +49,7 @@ class DiffPOConfig(TrainingArguments):
     consistency_loss: str = field(default="kl", metadata={"help": "kl (paper) | ce (cross-entropy toward the teacher's greedy token)"})
     frontier_branches: int | None = field(default=None, metadata={"help": "frontier source: branch tokens per row (default N)"})
     frontier_depth: int = field(default=1, metadata={"help": "frontier source: wrong guesses per branch (1: the token right after a miss)"})
+    fixed_point_weight: float = field(default=0.0, metadata={"help": "frontier source: weight of L_AR on the refiner's own greedy answer y* (holds the greedy path in place)"})
     kl_chunk: int = field(default=16, metadata={"help": "positions per vocabulary-sized softmax chunk (memory bound)"})
     trajectory_source: str = field(default="jacobi", metadata={"help": "answers (paper: other models' answers) | jacobi (own Jacobi states) | mix | frontier (one-token branches off the fixed point, from the Jacobi states)"})
     jacobi_states_per_prompt: int = field(default=2, metadata={"help": "partial Jacobi states generated per training prompt"})
@@ -168,7 +169,7 @@ class TrajectoryDataset(Dataset):
             if used + len(ws) <= self.branches:
                 chosen.append((d, list(ws)))
                 used += len(ws)
-        return {"fixed": fixed, "branches": sorted(chosen)}
+        return {"fixed": fixed, "fixed_mask": self.answer_mask(y), "branches": sorted(chosen)}
 
 
 class DiffPOCollator:
@@ -196,6 +197,7 @@ class DiffPOCollator:
             out["target_mask"] = torch.tensor([f["target_mask"] for f in features], dtype=torch.long)
             out.update(frontier_rows(prompts, [f["fixed"] for f in features], [f["branches"] for f in features],
                                      self.pad_id))
+            out["frontier_fixed_mask"] = torch.tensor([f["fixed_mask"] for f in features], dtype=torch.long)
             return out
         for name in ("target", "student", "teacher"):
             answers = [f[name] for f in features]
@@ -205,6 +207,12 @@ class DiffPOCollator:
         out["teacher_mask"] = torch.tensor([f["teacher_mask"] for f in features], dtype=torch.long)
         out["teacher_is_target"] = torch.tensor([f["teacher_is_target"] for f in features], dtype=torch.bool)
         return out
+
+
+def loss_kwargs(cfg: DiffPOConfig) -> dict[str, Any]:
+    """The :func:`~diffpo_sdk.train.loss.diffpo_loss` options a configuration sets."""
+    return {"mask": cfg.consistency_mask, "normalize": cfg.consistency_normalize, "chunk": cfg.kl_chunk,
+            "kind": cfg.consistency_loss, "fixed_point_weight": cfg.fixed_point_weight}
 
 
 class DiffPOTrainer(Trainer):
@@ -232,8 +240,7 @@ class DiffPOTrainer(Trainer):
         return w if ramp <= 0 else w * min(1.0, step / ramp)
 
     def loss_kwargs(self) -> dict[str, Any]:
-        return {"mask": self.args.consistency_mask, "normalize": self.args.consistency_normalize,
-                "chunk": self.args.kl_chunk, "kind": self.args.consistency_loss}
+        return loss_kwargs(self.args)
 
     def compute_loss(self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
@@ -243,6 +250,8 @@ class DiffPOTrainer(Trainer):
             self._metrics["ar_loss"].append(float(out.ar_loss))
             self._metrics["con_loss"].append(float(out.con_loss))
             self._metrics["consistency_weight"].append(weight)
+            if out.fixed_loss is not None:
+                self._metrics["fixed_point_loss"].append(float(out.fixed_loss))
         return (out.loss, {"ar_loss": out.ar_loss, "con_loss": out.con_loss}) if return_outputs else out.loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
