@@ -91,7 +91,7 @@ def test_collapse_guard_stops_and_restores(tiny_llama_dir: str, tmp_path: Path) 
     args = config(tmp_path, consistency_weight=1000.0, learning_rate=0.5, max_steps=30, eval_strategy="steps",
                   eval_steps=3, guard_ar_tolerance=0.05)
     trainer = DiffPOTrainer(model=model, args=args, train_dataset=ds, eval_dataset=held, processing_class=tok)
-    with pytest.warns(RuntimeWarning, match="COLLAPSE GUARD"):
+    with pytest.warns(RuntimeWarning, match="COLLAPSE GUARD.*ignore its prefix"):
         trainer.train()
     assert trainer.guard_tripped and trainer.state.global_step < 30
     healthy = trainer._healthy

@@ -303,6 +303,17 @@ class DiffPOTrainer(Trainer):
                 if n in snap:
                     p.copy_(snap[n].to(p.device))
 
+    def _guard_hint(self) -> str:
+        args = self.args
+        if args.consistency_weight == 0:
+            return ("The consistency term is off, so the targets themselves moved the model this far: lower "
+                    "--learning-rate, or raise the guard's tolerance if that drift is wanted.")
+        if args.trajectory_source == "frontier":
+            return ("The branches are probably teaching the model to ignore its last token: raise "
+                    "--fixed-point-weight, or lower --consistency-weight or --learning-rate.")
+        return ("The consistency loss is probably teaching the model to ignore its prefix: lower "
+                "--consistency-weight or --learning-rate, or use --trajectory-source jacobi.")
+
     def _check_guard(self, m: dict[str, float]) -> None:
         base = self.guard_baseline
         if base is None:
@@ -316,9 +327,7 @@ class DiffPOTrainer(Trainer):
         if not problems:
             self._healthy = self._snapshot()
             return
-        msg = (f"COLLAPSE GUARD at step {self.state.global_step}: " + "; ".join(problems) +
-               ". The consistency loss is probably teaching the model to ignore its prefix: lower "
-               "--consistency-weight or --learning-rate, or use --trajectory-source jacobi.")
+        msg = f"COLLAPSE GUARD at step {self.state.global_step}: " + "; ".join(problems) + ". " + self._guard_hint()
         self.guard_tripped = msg
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
         log.warning(msg)
