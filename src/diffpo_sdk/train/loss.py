@@ -205,7 +205,7 @@ def consistency_mask(student_ans: torch.Tensor, teacher_ans: torch.Tensor, base:
 
 def diffpo_loss(model: Any, batch: dict[str, torch.Tensor], weight: float, *, mask: str = "prefix",
                 normalize: str = "token", chunk: int = 16, kind: str = "kl",
-                fixed_point_weight: float = 0.0) -> LossOutput:
+                fixed_point_weight: float = 0.0, count_guesses: bool = True) -> LossOutput:
     """L_AR on the target + ``weight`` x L_Con of the student sequence toward the teacher.
 
     ``batch`` (from :class:`~diffpo_sdk.train.trainer.DiffPOCollator`): ``target_ids``,
@@ -224,6 +224,9 @@ def diffpo_loss(model: Any, batch: dict[str, torch.Tensor], weight: float, *, ma
     ``fixed_point_weight`` (frontier rows only) adds that times L_AR on the refiner's own
     fixed point y*, read off the clean path of the same packed forward: it holds the greedy
     answer in place while the branches learn to shrug off a wrong token.
+
+    ``count_guesses`` fills ``guesses``/``guesses_right`` (an argmax over the vocabulary and
+    a host sync): evaluation wants them, a training step does not.
     """
     if normalize not in NORMALIZE:
         raise ValueError(f"consistency normalize {normalize!r}: use one of {NORMALIZE}")
@@ -266,8 +269,11 @@ def diffpo_loss(model: Any, batch: dict[str, torch.Tensor], weight: float, *, ma
         cmask = consistency_mask(batch["student_answer"], batch["teacher_answer"], batch["teacher_mask"], mask,
                                  teacher, s_logits)
         base = consistency_mask(batch["student_answer"], batch["teacher_answer"], batch["teacher_mask"], "prefix")
-    with torch.no_grad():
-        right = int(((teacher.argmax(-1) == s_logits.argmax(-1)).float() * base).sum())
+    guesses = right = 0
+    if count_guesses:
+        with torch.no_grad():
+            guesses = int(base.sum())
+            right = int(((teacher.argmax(-1) == s_logits.argmax(-1)).float() * base).sum())
     div = divergence(teacher, s_logits, chunk)
     total = (div * cmask).sum()
     if normalize == "token":
@@ -278,4 +284,4 @@ def diffpo_loss(model: Any, batch: dict[str, torch.Tensor], weight: float, *, ma
     if fixed_loss is not None:
         loss = loss + fixed_point_weight * fixed_loss
         fixed_loss = fixed_loss.detach()
-    return LossOutput(loss, ar.detach(), con.detach(), weight, int(cmask.sum()), fixed_loss, int(base.sum()), right)
+    return LossOutput(loss, ar.detach(), con.detach(), weight, int(cmask.sum()), fixed_loss, guesses, right)

@@ -245,7 +245,7 @@ class DiffPOTrainer(Trainer):
     def compute_loss(self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         weight = self.consistency_weight_at(self.state.global_step) if model.training else self.args.consistency_weight
-        out = diffpo_loss(model, inputs, weight, **self.loss_kwargs())
+        out = diffpo_loss(model, inputs, weight, count_guesses=not model.training, **self.loss_kwargs())
         if model.training:
             self._metrics["ar_loss"].append(float(out.ar_loss))
             self._metrics["con_loss"].append(float(out.con_loss))
