@@ -241,3 +241,41 @@ def test_fixed_point_term_is_the_refiners_own_greedy_answer_loss(tiny) -> None:
     # with w = 0 (the warm-up's first step) the fixed-point term still counts
     early = diffpo_loss(model, batch, 0.0, mask="none", fixed_point_weight=0.5)
     torch.testing.assert_close(early.loss, plain.ar_loss + 0.5 * ref, rtol=1e-4, atol=1e-5)
+
+
+def test_kl_anchor_is_kl_from_the_reference_on_y_star(tiny) -> None:
+    """With a ``reference`` the fixed-point term is KL(p_ref || p) over y*'s answer positions
+    (plain forwards of ``[x, y*]``), zero against an identical copy, and its gradient reaches
+    only the trained model."""
+    import copy
+
+    model, tok = tiny
+    n = 8
+    y = tok("Blue is a colour.", add_special_tokens=False)["input_ids"][: n - 3] + [2]
+    states = [{"fixed_point": y, "states": [[5] * n, [6] * n]} for _ in RECORDS]
+    ds = TrajectoryDataset([dict(r) for r in RECORDS], tok, n=n, source="frontier", states=states, branches=3)
+    batch = DiffPOCollator(ds.pad)([ds.get(i, deterministic=True) for i in range(len(ds))])
+    same = copy.deepcopy(model).requires_grad_(False)
+    other = copy.deepcopy(model).requires_grad_(False)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        zero = diffpo_loss(model, batch, 1.0, mask="none", fixed_point_weight=0.5, reference=same)
+        anchored = diffpo_loss(model, batch, 1.0, mask="none", fixed_point_weight=0.5, reference=other)
+        plain = diffpo_loss(model, batch, 1.0, mask="none")
+        kl = []
+        for i in range(len(ds)):
+            seq = torch.tensor([ds.items[i]["prompt"] + ds.padded(y)])
+            logp = model(input_ids=seq).logits[0, -n - 1:-1][: len(y)].log_softmax(-1)
+            logq = other(input_ids=seq).logits[0, -n - 1:-1][: len(y)].log_softmax(-1)
+            kl.append((logq.exp() * (logq - logp)).sum())
+        ref = sum(kl) / (len(y) * len(ds))
+    assert float(zero.fixed_loss) < 1e-6
+    assert float(ref) > 1e-3
+    torch.testing.assert_close(anchored.fixed_loss, ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(anchored.loss, plain.loss + 0.5 * ref, rtol=1e-4, atol=1e-5)
+    out = diffpo_loss(model, batch, 0.0, mask="none", fixed_point_weight=0.5, reference=other)
+    out.loss.backward()
+    assert all(p.grad is None for p in other.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    model.zero_grad()

@@ -51,9 +51,10 @@ def test_few_steps_lower_both_losses(tiny_llama_dir: str, tmp_path: Path) -> Non
     assert logged and {"ar_loss", "con_loss", "consistency_weight"} <= set(logged[0])
 
 
-@pytest.mark.parametrize("kind,depth,fixed_point_weight", [("kl", 1, 0.0), ("ce", 2, 1.0)])
+@pytest.mark.parametrize("kind,depth,fixed_point_weight,anchor",
+                         [("kl", 1, 0.0, "ce"), ("ce", 2, 1.0, "ce"), ("ce", 1, 1.0, "kl")])
 def test_frontier_source_lowers_its_consistency_loss(tiny_llama_dir: str, tmp_path: Path, kind: str,
-                                                     depth: int, fixed_point_weight: float) -> None:
+                                                     depth: int, fixed_point_weight: float, anchor: str) -> None:
     from diffpo_sdk.train.evaluate import heldout_losses
     from diffpo_sdk.train.states import build_states
 
@@ -71,8 +72,9 @@ def test_frontier_source_lowers_its_consistency_loss(tiny_llama_dir: str, tmp_pa
     before = heldout_losses(model, ds, collate, mask="none", kind=kind)
     args = config(tmp_path, consistency_weight=1.0, consistency_mask="none", consistency_loss=kind,
                   trajectory_source="frontier", frontier_depth=depth, max_steps=8, learning_rate=1e-2,
-                  fixed_point_weight=fixed_point_weight)
+                  fixed_point_weight=fixed_point_weight, fixed_point_anchor=anchor)
     trainer = DiffPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    assert (trainer.ref_model is not None) == (anchor == "kl")
     trainer.train()
     after = heldout_losses(model, ds, collate, mask="none", kind=kind)
     assert after["con_loss"] < 0.8 * before["con_loss"]
@@ -80,6 +82,19 @@ def test_frontier_source_lowers_its_consistency_loss(tiny_llama_dir: str, tmp_pa
     assert after["guess_accuracy"] > before["guess_accuracy"]
     logged = [h for h in trainer.state.log_history if "ar_loss" in h]
     assert ("fixed_point_loss" in logged[0]) == bool(fixed_point_weight)
+    if anchor == "kl":  # the reference stayed the untrained model while the model moved
+        assert logged[0]["fixed_point_loss"] > 0  # 0 at the first step, then the model moves off the reference
+        moved = [not torch.equal(p, q) for p, q in zip(model.parameters(), trainer.ref_model.parameters())]
+        assert any(moved)
+        from diffpo_sdk.train.loss import diffpo_loss
+
+        batch = collate(feats[:2])
+        model.eval()
+        with torch.no_grad():
+            used = trainer.compute_loss(model, batch)
+            kw = dict(mask="none", kind=kind, fixed_point_weight=fixed_point_weight)
+            torch.testing.assert_close(used, diffpo_loss(model, batch, 1.0, reference=trainer.ref_model, **kw).loss)
+            assert not torch.allclose(used, diffpo_loss(model, batch, 1.0, **kw).loss)
 
 
 def test_collapse_guard_stops_and_restores(tiny_llama_dir: str, tmp_path: Path) -> None:
@@ -176,3 +191,23 @@ def test_cli_output_loads_in_engine(tiny_llama_dir: str, tmp_path: Path, lora: b
         assert "passes_per_token_drafts" in results["columns"]["after"]
         assert "passes/token" in card
     oracle_check(str(out), tiny_llama_dir)
+
+
+def test_lora_reference_is_the_model_with_its_adapter_off(tiny_llama_dir: str) -> None:
+    """With LoRA the KL anchor's reference costs no copy: the same model, adapter switched off."""
+    from peft import LoraConfig, get_peft_model
+
+    from diffpo_sdk.train.trainer import reference_model
+
+    torch.manual_seed(0)
+    base, _ = load(tiny_llama_dir)
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    ref = reference_model(model)
+    with torch.no_grad():
+        adapted, off = model(input_ids=ids).logits, ref(input_ids=ids).logits
+    assert not torch.allclose(adapted, before, atol=1e-4)
+    torch.testing.assert_close(off, before)
+    assert sum(p.numel() for p in ref.parameters()) == sum(p.numel() for p in model.parameters())

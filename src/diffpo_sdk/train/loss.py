@@ -205,7 +205,7 @@ def consistency_mask(student_ans: torch.Tensor, teacher_ans: torch.Tensor, base:
 
 def diffpo_loss(model: Any, batch: dict[str, torch.Tensor], weight: float, *, mask: str = "prefix",
                 normalize: str = "token", chunk: int = 16, kind: str = "kl",
-                fixed_point_weight: float = 0.0, count_guesses: bool = True) -> LossOutput:
+                fixed_point_weight: float = 0.0, reference: Any = None, count_guesses: bool = True) -> LossOutput:
     """L_AR on the target + ``weight`` x L_Con of the student sequence toward the teacher.
 
     ``batch`` (from :class:`~diffpo_sdk.train.trainer.DiffPOCollator`): ``target_ids``,
@@ -223,7 +223,10 @@ def diffpo_loss(model: Any, batch: dict[str, torch.Tensor], weight: float, *, ma
 
     ``fixed_point_weight`` (frontier rows only) adds that times L_AR on the refiner's own
     fixed point y*, read off the clean path of the same packed forward: it holds the greedy
-    answer in place while the branches learn to shrug off a wrong token.
+    answer in place while the branches learn to shrug off a wrong token. With a ``reference``
+    (the model before training) the term is instead KL(p_ref || p) on y*'s path: it holds the
+    whole distribution there, not only the greedy token, so the model does not grow peaky on
+    its own answers (which raises L_AR on anything else).
 
     ``count_guesses`` fills ``guesses``/``guesses_right`` (an argmax over the vocabulary and
     a host sync): evaluation wants them, a training step does not.
@@ -252,8 +255,13 @@ def diffpo_loss(model: Any, batch: dict[str, torch.Tensor], weight: float, *, ma
         cmask = batch["frontier_valid"].float()
         if fixed_point_weight:
             fmask = batch.get("frontier_fixed_mask", torch.ones_like(batch["frontier_fixed"])).float()
-            f_nll = token_nll(f_logits, batch["frontier_fixed"], chunk)
-            fixed_loss = (f_nll * fmask).sum() / fmask.sum().clamp(min=1)
+            if reference is None:
+                f_div = token_nll(f_logits, batch["frontier_fixed"], chunk)
+            else:
+                with torch.no_grad():
+                    ref_logits, _, _ = frontier_logits(reference, batch, n)
+                f_div = token_kl(ref_logits, f_logits, chunk)
+            fixed_loss = (f_div * fmask).sum() / fmask.sum().clamp(min=1)
         base = cmask
         if mask == "argmax":
             with torch.no_grad():

@@ -7,6 +7,7 @@ stack unchanged.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import random
@@ -28,6 +29,31 @@ from .states import greedy_answers
 log = logging.getLogger(__name__)
 
 SOURCES = ("answers", "jacobi", "mix", "frontier")
+ANCHORS = ("ce", "kl")
+
+
+class AdapterOff:
+    """A peft model with its adapter switched off: the model before training, at no memory cost."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.config = model.config
+
+    def parameters(self) -> Any:
+        return self.model.parameters()
+
+    def __call__(self, **kw: Any) -> Any:
+        with self.model.disable_adapter():
+            return self.model(**kw)
+
+
+def reference_model(model: Any) -> Any:
+    """The model as it is now, frozen, for the KL anchor on y*'s path (see ``diffpo_loss``)."""
+    if hasattr(model, "disable_adapter"):
+        return AdapterOff(model)
+    ref = copy.deepcopy(model).eval()
+    ref.requires_grad_(False)
+    return ref
 
 
 @dataclass
@@ -50,6 +76,7 @@ class DiffPOConfig(TrainingArguments):
     frontier_branches: int | None = field(default=None, metadata={"help": "frontier source: branch tokens per row (default N)"})
     frontier_depth: int = field(default=1, metadata={"help": "frontier source: wrong guesses per branch (1: the token right after a miss)"})
     fixed_point_weight: float = field(default=0.0, metadata={"help": "frontier source: weight of L_AR on the refiner's own greedy answer y* (holds the greedy path in place)"})
+    fixed_point_anchor: str = field(default="ce", metadata={"help": "ce (L_AR on y*) | kl (KL from the model before training on y*'s path: holds the whole distribution, not only the greedy token; costs one no-grad forward and, without LoRA, a frozen copy of the model)"})
     kl_chunk: int = field(default=16, metadata={"help": "positions per vocabulary-sized softmax chunk (memory bound)"})
     trajectory_source: str = field(default="jacobi", metadata={"help": "answers (paper: other models' answers) | jacobi (own Jacobi states) | mix | frontier (one-token branches off the fixed point, from the Jacobi states)"})
     jacobi_states_per_prompt: int = field(default=2, metadata={"help": "partial Jacobi states generated per training prompt"})
@@ -230,6 +257,11 @@ class DiffPOTrainer(Trainer):
         self.guard_baseline: dict[str, float] | None = None
         self.guard_tripped: str | None = None
         self._healthy: dict[str, torch.Tensor] | None = None
+        if args.fixed_point_anchor not in ANCHORS:
+            raise ValueError(f"--fixed-point-anchor {args.fixed_point_anchor!r}: use one of {ANCHORS}")
+        anchored = (args.fixed_point_anchor == "kl" and args.fixed_point_weight > 0
+                    and args.trajectory_source == "frontier")
+        self.ref_model = reference_model(self.model) if anchored else None
 
     # -- loss ------------------------------------------------------------------------------
 
@@ -245,7 +277,8 @@ class DiffPOTrainer(Trainer):
     def compute_loss(self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         weight = self.consistency_weight_at(self.state.global_step) if model.training else self.args.consistency_weight
-        out = diffpo_loss(model, inputs, weight, count_guesses=not model.training, **self.loss_kwargs())
+        out = diffpo_loss(model, inputs, weight, reference=self.ref_model, count_guesses=not model.training,
+                          **self.loss_kwargs())
         if model.training:
             self._metrics["ar_loss"].append(float(out.ar_loss))
             self._metrics["con_loss"].append(float(out.con_loss))
