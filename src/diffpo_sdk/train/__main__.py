@@ -123,7 +123,7 @@ def build_datasets(cfg: Any, model: Any, tok: Any) -> tuple[Any, Any, list[dict]
 
 def model_card(cfg: Any, table: str, base_metrics: dict | None, final: dict | None, guard: str | None) -> str:
     keys = ["consistency_weight", "consistency_warmup_ratio", "consistency_mask", "consistency_normalize",
-            "consistency_loss", "frontier_branches", "frontier_depth", "fixed_point_weight",
+            "consistency_loss", "frontier_branches", "frontier_depth", "fixed_point_weight", "fixed_point_anchor",
             "trajectory_source", "max_response_tokens", "learning_rate", "num_train_epochs", "max_steps",
             "per_device_train_batch_size", "gradient_accumulation_steps", "lora_r", "seed"]
     conf = "\n".join(f"- `{k}`: {getattr(cfg, k)}" for k in keys)
