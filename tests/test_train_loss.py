@@ -216,15 +216,20 @@ def test_frontier_loss_counts_valid_branches_and_trains_only_the_student(tiny) -
         torch.testing.assert_close(full - ar, p.grad, rtol=1e-3, atol=1e-6)
 
 
+def fixed_point_batch(tok, n: int):
+    """A frontier batch whose fixed point y* is a short known answer (5 tokens and its stop)."""
+    y = tok("Blue is a colour.", add_special_tokens=False)["input_ids"][: n - 3] + [2]
+    states = [{"fixed_point": y, "states": [[5] * n, [6] * n]} for _ in RECORDS]
+    ds = TrajectoryDataset([dict(r) for r in RECORDS], tok, n=n, source="frontier", states=states, branches=3)
+    return y, ds, DiffPOCollator(ds.pad)([ds.get(i, deterministic=True) for i in range(len(ds))])
+
+
 def test_fixed_point_term_is_the_refiners_own_greedy_answer_loss(tiny) -> None:
     """``fixed_point_weight`` adds L_AR on y* (its answer tokens and stop, not the filler), as
     an ordinary forward of ``[x, y*]`` computes it, and nothing else."""
     model, tok = tiny
     n = 8
-    y = tok("Blue is a colour.", add_special_tokens=False)["input_ids"][: n - 3] + [2]
-    states = [{"fixed_point": y, "states": [[5] * n, [6] * n]} for _ in RECORDS]
-    ds = TrajectoryDataset([dict(r) for r in RECORDS], tok, n=n, source="frontier", states=states, branches=3)
-    batch = DiffPOCollator(ds.pad)([ds.get(i, deterministic=True) for i in range(len(ds))])
+    y, ds, batch = fixed_point_batch(tok, n)
     assert batch["frontier_fixed_mask"][0].tolist() == [1] * len(y) + [0] * (n - len(y))
     with torch.no_grad():
         plain = diffpo_loss(model, batch, 1.0, mask="none")
@@ -251,10 +256,7 @@ def test_kl_anchor_is_kl_from_the_reference_on_y_star(tiny) -> None:
 
     model, tok = tiny
     n = 8
-    y = tok("Blue is a colour.", add_special_tokens=False)["input_ids"][: n - 3] + [2]
-    states = [{"fixed_point": y, "states": [[5] * n, [6] * n]} for _ in RECORDS]
-    ds = TrajectoryDataset([dict(r) for r in RECORDS], tok, n=n, source="frontier", states=states, branches=3)
-    batch = DiffPOCollator(ds.pad)([ds.get(i, deterministic=True) for i in range(len(ds))])
+    y, ds, batch = fixed_point_batch(tok, n)
     same = copy.deepcopy(model).requires_grad_(False)
     other = copy.deepcopy(model).requires_grad_(False)
     with torch.no_grad():

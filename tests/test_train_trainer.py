@@ -92,7 +92,7 @@ def test_frontier_source_lowers_its_consistency_loss(tiny_llama_dir: str, tmp_pa
         model.eval()
         with torch.no_grad():
             used = trainer.compute_loss(model, batch)
-            kw = dict(mask="none", kind=kind, fixed_point_weight=fixed_point_weight)
+            kw = {"mask": "none", "kind": kind, "fixed_point_weight": fixed_point_weight}
             torch.testing.assert_close(used, diffpo_loss(model, batch, 1.0, reference=trainer.ref_model, **kw).loss)
             assert not torch.allclose(used, diffpo_loss(model, batch, 1.0, **kw).loss)
 
