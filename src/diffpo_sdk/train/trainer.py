@@ -75,7 +75,7 @@ class DiffPOConfig(TrainingArguments):
     consistency_loss: str = field(default="ce", metadata={"help": "kl (paper) | ce (cross-entropy toward the teacher's greedy token)"})
     frontier_branches: int | None = field(default=None, metadata={"help": "frontier source: branch tokens per row (default N)"})
     frontier_depth: int = field(default=1, metadata={"help": "frontier source: wrong guesses per branch (1: the token right after a miss)"})
-    fixed_point_weight: float = field(default=5.0, metadata={"help": "frontier source: weight of L_AR on the refiner's own greedy answer y* (holds the greedy path in place)"})
+    fixed_point_weight: float = field(default=5.0, metadata={"help": "frontier source: weight of the hold on the refiner's own greedy answer y* (see --fixed-point-anchor)"})
     fixed_point_anchor: str = field(default="kl", metadata={"help": "ce (L_AR on y*) | kl (KL from the model before training on y*'s path: holds the whole distribution, not only the greedy token; costs one no-grad forward and, without LoRA, a frozen copy of the model)"})
     kl_chunk: int = field(default=16, metadata={"help": "positions per vocabulary-sized softmax chunk (memory bound)"})
     trajectory_source: str = field(default="frontier", metadata={"help": "answers (paper: other models' answers) | jacobi (own Jacobi states) | mix | frontier (one-token branches off the fixed point, from the Jacobi states)"})
