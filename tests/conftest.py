@@ -65,3 +65,24 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_path: str) 
     LlamaForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)
+
+
+#: Modules whose tests need only the light client (plus test tools), unless they load a model.
+CLIENT_MODULES = {"test_client.py", "test_client_faults.py", "test_runnable.py", "test_tracing.py", "test_litellm.py", "test_agents.py"}
+#: Client tests that need the ``agents`` extra (langchain, langgraph).
+AGENTS_TESTS = {"test_runnable.py::test_langgraph_node", "test_client.py::test_import_stays_light"}
+#: Client tests that need more than the client and its test tools (LiteLLM's OTLP exporter).
+NOT_CLIENT_TESTS = {"test_tracing.py::test_litellm_span_nests_beside_the_refinement"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark ``client`` (and ``agents``) the tests scripts/test-lowest.sh runs at the lowest pinned
+    versions without torch: those of the client modules that load no model (no ``smollm2_path``)."""
+    for item in items:
+        module = item.path.name
+        key = f"{module}::{item.originalname if isinstance(item, pytest.Function) else item.name}"
+        if module not in CLIENT_MODULES or key in NOT_CLIENT_TESTS or "smollm2_path" in getattr(item, "fixturenames", ()):
+            continue
+        item.add_marker(pytest.mark.client)
+        if module == "test_agents.py" or key in AGENTS_TESTS:
+            item.add_marker(pytest.mark.agents)

@@ -1,68 +1,78 @@
-"""The refiner server as a Ray Serve deployment: replicas, one per GPU, autoscaled on load.
+"""The refiner server as a Ray Serve deployment: the project's own app on every replica.
 
-Each replica runs the project's own FastAPI app (``diffpo_sdk.server.app.create_app``):
-the same ``/v1/refine``, ``/v1/chat/completions``, ``/health`` and ``/metrics`` as
-``diffpo serve``, with its in-replica batching. Ray Serve adds the replicas, routing and
+Each replica runs ``diffpo_sdk.server.app.create_app`` behind Serve's FastAPI ingress: the
+same ``/v1/refine``, ``/v1/chat/completions``, ``/health`` and ``/metrics`` as ``diffpo
+serve``, with its in-replica batching. Ray Serve adds replicas, routing, restarts and
 autoscaling; clients use the one Serve URL as their ``DIFFPO_ENDPOINT``.
 
-    pip install "ray[serve]" "diffpo-sdk[server]"
-    DIFFPO_MODEL=RuizheChen/DiffPO-9B serve run integrations.ray_serve.deployment:app
-    # or: serve run integrations/ray_serve/config.yaml
+    serve run integrations/ray_serve/config.yaml     # from the repository root
 
-Settings come from the environment of the replicas (set them in ``runtime_env`` of the
-config): ``DIFFPO_MODEL``, ``DIFFPO_DEVICE``, ``DIFFPO_DTYPE``, ``DIFFPO_ADAPTER``,
-``DIFFPO_SERVER_API_KEY`` (Bearer token the app checks), ``DIFFPO_UPSTREAM_MODEL``.
+Settings are read exactly as ``diffpo serve`` reads them: the application's ``args`` in the
+config are its command-line flags (``max_batch_items: 8`` is ``--max-batch-items 8``), and
+the API key comes from ``DIFFPO_API_KEY`` in the replicas' environment (``runtime_env``).
+Replica count, CPUs and GPUs are Serve's own deployment options in the same config.
 """
 
 from __future__ import annotations
 
-import os
+import asyncio
+import logging
 from typing import Any
 
 from ray import serve
 
+from integrations.ray_serve.metrics_mirror import RayMetricsMirror
 
-def build_app() -> Any:
-    """Evaluated on each replica, so every replica loads its own model on its own GPU."""
-    from diffpo_sdk.server.app import create_app
-    from diffpo_sdk.server.config import ServerConfig
-
-    def load() -> Any:
-        from diffpo_sdk.engine import RefinerEngine
-
-        return RefinerEngine.from_pretrained(
-            os.environ.get("DIFFPO_MODEL", "smollm2-135m-instruct"),
-            device=os.environ.get("DIFFPO_DEVICE", "auto"),
-            dtype=os.environ.get("DIFFPO_DTYPE", "auto"),
-            adapter=os.environ.get("DIFFPO_ADAPTER") or None,
-        )
-
-    config = ServerConfig(
-        api_key=os.environ.get("DIFFPO_SERVER_API_KEY") or None,
-        upstream_model=os.environ.get("DIFFPO_UPSTREAM_MODEL") or None,
-        max_batch_items=int(os.environ.get("DIFFPO_MAX_BATCH_ITEMS", "16")),
-    )
-    # the model loads in the background; /health answers 503 until it is ready
-    return create_app(load, config)
+log = logging.getLogger("diffpo_sdk.ray_serve")
 
 
-@serve.deployment(
-    name="diffpo-refiner",
-    ray_actor_options={"num_gpus": float(os.environ.get("DIFFPO_GPUS_PER_REPLICA", "1"))},
-    autoscaling_config={
-        "min_replicas": 1,
-        "max_replicas": int(os.environ.get("DIFFPO_MAX_REPLICAS", "4")),
-        # requests in flight per replica that autoscaling aims for; the in-replica batcher
-        # merges them, so allow a full batch or two per replica
-        "target_ongoing_requests": 16,
-    },
-    max_ongoing_requests=64,
-    health_check_period_s=10,
-    health_check_timeout_s=30,
-)
-@serve.ingress(build_app)
+def to_argv(args: dict[str, Any]) -> list[str]:
+    """``{"max_batch_items": 8, "log_content": True}`` -> ``["--max-batch-items", "8", "--log-content"]``."""
+    argv: list[str] = []
+    for key, value in args.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value is not None and value is not False:
+            argv += [flag, str(value)]
+    return argv
+
+
+@serve.deployment(name="diffpo-refiner", health_check_period_s=10, health_check_timeout_s=30)
+@serve.ingress()
 class DiffPORefinerDeployment:
-    """One replica: the app from :func:`build_app` serves every route."""
+    """One replica: parses the ``diffpo serve`` flags, then serves the app they describe."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.argv = argv
+        self.mirror: RayMetricsMirror | None = None
+
+    async def __serve_build_asgi_app__(self) -> Any:  # Serve's hook: called on the replica, after __init__
+        from diffpo_sdk.server.__main__ import build_parser, config_from_args, engine_loader
+        from diffpo_sdk.server.app import create_app
+
+        args = build_parser().parse_args(self.argv)
+        # host/port belong to Serve's proxy here, so check_bind does not apply; the key still does
+        app = create_app(engine_loader(args), config_from_args(args))  # the model loads in the background
+        self.state = app.state.diffpo
+        self.mirror = RayMetricsMirror(self.state.metrics.registry)
+        self.mirror.start()
+        return app
+
+    async def check_health(self) -> None:
+        """Serve routes to a replica only after its first health check passes; this one waits
+        while the model loads (so a loading replica takes no traffic), then fails if the load
+        failed or the batcher is gone, which makes Serve replace the replica."""
+        while self.state.batcher is None and self.state.load_error is None:
+            await asyncio.sleep(0.2)
+        if self.state.load_error is not None:
+            raise RuntimeError(f"the refiner failed to load: {self.state.load_error}")
+
+    async def __del__(self) -> None:
+        if self.mirror is not None:
+            self.mirror.stop()
 
 
-app = DiffPORefinerDeployment.bind()
+def build(args: dict[str, Any]) -> serve.Application:
+    """Serve's application builder (``import_path: integrations.ray_serve.deployment:build``)."""
+    return DiffPORefinerDeployment.bind(to_argv(args))

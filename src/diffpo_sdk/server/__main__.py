@@ -6,6 +6,8 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from ..protocol import MAX_NEW_TOKENS_LIMIT
 from .config import ServerConfig, check_bind
@@ -63,6 +65,22 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
 
 
+def engine_loader(args: argparse.Namespace) -> Callable[[], Any]:
+    """The zero-argument loader ``create_app`` runs in the background (also each Ray Serve replica's)."""
+
+    def load() -> Any:
+        from ..engine import RefinerEngine
+
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+
+        return RefinerEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype, adapter=args.adapter)
+
+    return load
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
@@ -77,17 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .app import create_app
 
-    def load():
-        from ..engine import RefinerEngine
-
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
-
-        return RefinerEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype, adapter=args.adapter)
-
-    app = create_app(load, config)
+    app = create_app(engine_loader(args), config)
     uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=5)
     return 0
 
