@@ -109,7 +109,8 @@ def cluster(upstream: str) -> Iterator[dict[str, Any]]:
     old_cwd, old_path = os.getcwd(), list(sys.path)
     os.chdir(REPO)  # as `serve run` from the repository root: Ray puts the driver's cwd on workers' path
     sys.path.insert(0, str(REPO))
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    old_stats = os.environ.get("RAY_USAGE_STATS_ENABLED")
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # no reporting home from a test
     ray.init(
         num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
         object_store_memory=100 * 1024 * 1024, runtime_env={"env_vars": env}, _metrics_export_port=metrics_port,
@@ -130,6 +131,10 @@ def cluster(upstream: str) -> Iterator[dict[str, Any]]:
         ray.shutdown()
         os.chdir(old_cwd)
         sys.path[:] = old_path
+        if old_stats is None:
+            os.environ.pop("RAY_USAGE_STATS_ENABLED", None)
+        else:
+            os.environ["RAY_USAGE_STATS_ENABLED"] = old_stats
 
 
 def replica_names() -> list[str]:

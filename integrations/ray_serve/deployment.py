@@ -16,14 +16,11 @@ Replica count, CPUs and GPUs are Serve's own deployment options in the same conf
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any
 
 from ray import serve
 
 from integrations.ray_serve.metrics_mirror import RayMetricsMirror
-
-log = logging.getLogger("diffpo_sdk.ray_serve")
 
 
 def to_argv(args: dict[str, Any]) -> list[str]:
