@@ -9,6 +9,10 @@ venv=.venv-lowest
 py="$venv/bin/python"
 python3 -m venv --clear "$venv"
 "$py" -m pip install -q --upgrade pip uv
+# uv reads its own settings, not pip's: hand it the index pip is configured with, if any
+index="${PIP_INDEX_URL:-$("$py" -m pip config get global.index-url 2>/dev/null || true)}"
+[ -z "$index" ] || export UV_INDEX_URL="$index"
+[ -z "${PIP_EXTRA_INDEX_URL:-}" ] || export UV_EXTRA_INDEX_URL="$PIP_EXTRA_INDEX_URL"
 install() { "$py" -m uv pip install -q --python "$py" "$@"; }
 floors() {
   "$py" -m uv pip list --python "$py" 2>/dev/null \
