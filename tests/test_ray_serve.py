@@ -106,29 +106,28 @@ def cluster(upstream: str) -> Iterator[dict[str, Any]]:
     env = {**app_cfg["runtime_env"]["env_vars"], "DIFFPO_API_KEY": API_KEY, "OPENAI_API_KEY": "sk-stub",
            "RAY_USAGE_STATS_ENABLED": "0"}
     http_port, metrics_port = free_port(), free_port()
-    old_cwd, old_path = os.getcwd(), list(sys.path)
-    os.chdir(REPO)  # as `serve run` from the repository root: Ray puts the driver's cwd on workers' path
-    sys.path.insert(0, str(REPO))
-    old_stats = os.environ.get("RAY_USAGE_STATS_ENABLED")
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # no reporting home from a test
-    ray.init(
-        num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-        object_store_memory=100 * 1024 * 1024, runtime_env={"env_vars": env}, _metrics_export_port=metrics_port,
-        _system_config={"metrics_report_interval_ms": 1000, "enable_worker_prestart": False},
-    )
+    old_cwd, old_path, old_stats = os.getcwd(), list(sys.path), os.environ.get("RAY_USAGE_STATS_ENABLED")
     try:
+        os.chdir(REPO)  # as `serve run` from the repository root: Ray puts the driver's cwd on workers' path
+        sys.path.insert(0, str(REPO))
+        os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # no reporting home from a test
+        ray.init(
+            num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+            object_store_memory=100 * 1024 * 1024, runtime_env={"env_vars": env}, _metrics_export_port=metrics_port,
+            _system_config={"metrics_report_interval_ms": 1000, "enable_worker_prestart": False},
+        )
         from integrations.ray_serve.deployment import DiffPORefinerDeployment, to_argv
 
         ray_serve.start(http_options={"host": "127.0.0.1", "port": http_port})
         args = {**app_cfg["args"], "upstream_model": "openai/stub-model", "upstream_api_base": f"{upstream}/v1"}
         app = DiffPORefinerDeployment.options(**deployment_options).bind(to_argv(args))
-        t0 = time.monotonic()
         ray_serve.run(app, name=app_cfg["name"], route_prefix=app_cfg["route_prefix"])  # returns once replicas are healthy
         yield {"url": f"http://127.0.0.1:{http_port}", "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
-               "app": app_cfg["name"], "startup_s": time.monotonic() - t0}
+               "app": app_cfg["name"]}
     finally:
-        ray_serve.shutdown()
-        ray.shutdown()
+        if ray.is_initialized():
+            ray_serve.shutdown()
+            ray.shutdown()
         os.chdir(old_cwd)
         sys.path[:] = old_path
         if old_stats is None:

@@ -58,8 +58,8 @@ class DiffPORefinerDeployment:
 
     async def check_health(self) -> None:
         """Serve routes to a replica only after its first health check passes; this one waits
-        while the model loads (so a loading replica takes no traffic), then fails if the load
-        failed or the batcher is gone, which makes Serve replace the replica."""
+        while the model loads (so a loading replica takes no traffic, and Serve only warns about
+        a slow start), then fails if the load failed, which makes Serve replace the replica."""
         while self.state.batcher is None and self.state.load_error is None:
             await asyncio.sleep(0.2)
         if self.state.load_error is not None:
