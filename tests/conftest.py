@@ -65,3 +65,9 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_path: str) 
     LlamaForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "distributed: multi-process training under accelerate (2 CPU processes); "
+        "runs by default, deselect with -m 'not distributed'")
