@@ -83,15 +83,15 @@ def load_refiner(cfg: Any) -> tuple[Any, Any]:
     return model, tok
 
 
-def build_datasets(cfg: Any, model: Any, tok: Any) -> tuple[Any, Any, list[dict], list[dict], Any]:
-    """Train/held-out datasets, the held-out refine items, and the frozen starting model that
-    builds the Jacobi states (None when no source needs them).
+def build_datasets(cfg: Any, model: Any, tok: Any) -> tuple[Any, Any, Any, set[int], Any]:
+    """Train/held-out datasets, the held-out states, the stop ids, and the frozen starting model
+    that builds states during training (None when everything is built before training).
 
     Training states are built lazily, ``--jacobi-states-chunk`` prompts at a time as batches
     first need them, from a frozen copy of the model as training starts (with LoRA: the
-    adapter switched off, no copy). Held-out states are built before training. Under several
-    processes every state is built before training, by the main process first, and the other
-    processes read them from the shared cache.
+    adapter switched off, no copy). Held-out states too, when the first evaluation needs them. Under
+    several processes, or with ``--jacobi-states-chunk 0``, every state is built before
+    training, by the main process first, and the other processes read them from the cache.
     """
     from ..engine import templating
     from .data import load_trajectories
@@ -133,20 +133,25 @@ def build_datasets(cfg: Any, model: Any, tok: Any) -> tuple[Any, Any, list[dict]
             if not lazy:
                 train_states = train_states.materialize()
         if need_held:
-            held_states = states_for(held, "held-out", 0).materialize()
+            held_states = states_for(held, "held-out", cfg.jacobi_states_chunk)
+            if not lazy:
+                held_states = held_states.materialize()
     train_ds = TrajectoryDataset(train_recs, tok, n, cfg.max_prompt_tokens, cfg.trajectory_source, train_states,
                                  cfg.seed, stop, cfg.frontier_branches, cfg.frontier_depth)
     eval_ds = TrajectoryDataset(held, tok, n, cfg.max_prompt_tokens, "answers" if held_states is None else
                                 cfg.trajectory_source, held_states, cfg.seed, stop, cfg.frontier_branches,
                                 cfg.frontier_depth)
-    draft_items = eval_ds.draft_items()
-    state_items = []
-    if held_states:
-        for r, st in zip(held, held_states):
-            ids = st["states"][0]
-            cut = next((i for i, t in enumerate(ids) if t in stop), len(ids))
-            state_items.append({"messages": r["messages"], "draft": tok.decode(ids[:cut])})
-    return train_ds, eval_ds, draft_items, state_items, generator
+    return train_ds, eval_ds, held_states, stop, generator
+
+
+def state_items_of(eval_ds: Any, held_states: Any, stop: set[int], tok: Any) -> list[dict]:
+    """Engine items whose drafts are the held-out Jacobi states (cut at their stop token)."""
+    items = []
+    for k, rec in enumerate(eval_ds.records if held_states is not None else []):
+        ids = held_states[k]["states"][0]
+        cut = next((i for i, t in enumerate(ids) if t in stop), len(ids))
+        items.append({"messages": rec["messages"], "draft": tok.decode(ids[:cut])})
+    return items
 
 
 def model_card(cfg: Any, table: str, guard: str | None) -> str:
@@ -170,7 +175,20 @@ def model_card(cfg: Any, table: str, guard: str | None) -> str:
                ("Collapse guards held.\n" if cfg.guard else "Collapse guards were off.\n")))
 
 
+def first_step_logger(start: float) -> Any:
+    """A callback that logs when the first optimizer step is done, counted from ``start``."""
+    from transformers import TrainerCallback
+
+    class FirstStep(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.global_step == 1 and state.is_world_process_zero:
+                log.info("first optimizer step done %.1f s after start", time.time() - start)
+
+    return FirstStep()
+
+
 def main(argv: list[str] | None = None) -> int:
+    start = time.time()
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = parse_config(argv)
@@ -179,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.trainer_utils import get_last_checkpoint
 
     from .evaluate import evaluate_refiner, write_table
+    from .reference import as_model
     from .trainer import DiffPOTrainer, loss_kwargs
 
     if os.environ.get("DIFFPO_TRAIN_THREADS"):
@@ -187,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("process %d of %d (%s, backend %s), recipe %s", cfg.process_index, cfg.world_size,
              cfg.parallel_mode.value, cfg.distributed_state.backend if cfg.distributed_state else None, cfg.recipe)
     model, tok = load_refiner(cfg)
-    train_ds, eval_ds, draft_items, state_items, generator = build_datasets(cfg, model, tok)
+    train_ds, eval_ds, held_states, stop, generator = build_datasets(cfg, model, tok)
     log.info("%d training prompts, %d held out, source=%s", len(train_ds), len(eval_ds), cfg.trajectory_source)
 
     block: int | str = cfg.max_response_tokens if cfg.eval_block_size == "full" else (
@@ -198,30 +217,41 @@ def main(argv: list[str] | None = None) -> int:
     if resume in ("true", "True", "last"):
         resume = get_last_checkpoint(cfg.output_dir)
     eval_path = Path(cfg.output_dir) / "eval_before.json"
-    if cfg.final_eval and cfg.process_index == 0:
-        if eval_path.is_file():  # resuming: the untrained model was measured already
-            columns["before"] = json.loads(eval_path.read_text())
-        else:
-            t0 = time.time()
-            columns["before"] = evaluate_refiner(model, tok, eval_ds, draft_items=draft_items, state_items=state_items,
-                                                 block_size=block, batch_size=cfg.per_device_eval_batch_size, **loss_kw)
-            eval_path.parent.mkdir(parents=True, exist_ok=True)
-            eval_path.write_text(json.dumps(columns["before"]))
-            log.info("evaluated the untrained model in %.0f s", time.time() - t0)
+    evaluate_kw: dict[str, Any] = dict(draft_items=eval_ds.draft_items(), block_size=block,
+                                       batch_size=cfg.per_device_eval_batch_size, **loss_kw)
+
+    def measure_before(untrained: Any) -> None:
+        t0 = time.time()
+        evaluate_kw.setdefault("state_items", state_items_of(eval_ds, held_states, stop, tok))
+        columns["before"] = evaluate_refiner(untrained, tok, eval_ds, **evaluate_kw)
+        eval_path.parent.mkdir(parents=True, exist_ok=True)
+        eval_path.write_text(json.dumps(columns["before"]))
+        log.info("evaluated the untrained model in %.0f s", time.time() - t0)
+
+    before_pending = cfg.final_eval and cfg.process_index == 0
+    if before_pending and eval_path.is_file():  # resuming: the untrained model was measured already
+        columns["before"] = json.loads(eval_path.read_text())
+        before_pending = False
+    if before_pending and generator is None:  # no frozen copy to measure later: measure now
+        measure_before(model)
+        before_pending = False
     model.train()
 
     trainer = DiffPOTrainer(model=model, args=cfg, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok,
-                            ref_model=generator)
+                            ref_model=generator, callbacks=[first_step_logger(start)])
     t0 = time.time()
     trainer.train(resume_from_checkpoint=resume)
     train_s = time.time() - t0
+    if before_pending:  # the frozen starting model (or the adapter switched off): measured after, not before, step 1
+        with as_model(generator) as untrained:
+            measure_before(untrained)
 
     save_model(trainer, cfg, tok)
     table = ""
     if cfg.final_eval and trainer.is_world_process_zero():
         final = trainer.model
-        columns["after"] = evaluate_refiner(final, tok, eval_ds, draft_items=draft_items, state_items=state_items,
-                                            block_size=block, batch_size=cfg.per_device_eval_batch_size, **loss_kw)
+        evaluate_kw.setdefault("state_items", state_items_of(eval_ds, held_states, stop, tok))
+        columns["after"] = evaluate_refiner(final, tok, eval_ds, **evaluate_kw)
         table = write_table(cfg.output_dir, columns, {"train_seconds": train_s, "steps": trainer.state.global_step,
                                                        "block_size": block, "guard": trainer.guard_tripped})
         print("\n" + table + "\n")
@@ -231,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         (Path(cfg.output_dir) / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     if cfg.push_to_hub:
         trainer.push_to_hub(commit_message=f"DiffPO refiner, recipe {cfg.recipe}")
+    log.info("done %.1f s after start", time.time() - start)
     return 0
 
 

@@ -5,6 +5,8 @@ same LoRA model with its adapter off, prepared through accelerate like trl's ref
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -45,6 +47,17 @@ def reference_model(model: Any) -> Any:
     ref = copy.deepcopy(model).eval()
     ref.requires_grad_(False)
     return ref
+
+
+@contextmanager
+def as_model(ref: Any) -> Iterator[Any]:
+    """The reference as a full model object (what the engine and ``generate`` need): a frozen
+    copy as it is, a LoRA reference as the peft model with its adapter off for the duration."""
+    if isinstance(ref, AdapterOff):
+        with ref.model.disable_adapter():
+            yield ref.model
+    else:
+        yield ref
 
 
 def prepare_reference(ref: Any, accelerator: Any) -> Any:

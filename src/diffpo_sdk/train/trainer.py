@@ -24,7 +24,7 @@ from ..engine import templating
 from .evaluate import heldout_losses, refine_metrics, repetition_rate
 from .loss import answer_mask, diffpo_loss, frontier_rows, pad_answer
 from .recipes import CHOICES, DEFAULT_RECIPE, check_choice, recipe_values
-from .reference import prepare_reference, reference_model
+from .reference import as_model, prepare_reference, reference_model
 from .states import greedy_answers
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class DiffPOConfig(TrainingArguments):
     trajectory_source: Literal["answers", "jacobi", "mix", "frontier"] | None = field(default=None, metadata=_recipe_help("answers (paper: other models' answers) | jacobi (own Jacobi states) | mix | frontier (one-token branches off the fixed point, from the Jacobi states)"))
     jacobi_states_per_prompt: int = field(default=2, metadata={"help": "partial Jacobi states generated per training prompt"})
     jacobi_states_dir: str | None = field(default=None, metadata={"help": "where generated states are cached (default: output_dir); share it between runs"})
-    jacobi_states_chunk: int = field(default=32, metadata={"help": "prompts whose fixed points and states are computed together, when a batch first needs them (0: all before training)"})
+    jacobi_states_chunk: int = field(default=8, metadata={"help": "prompts whose fixed points and states are computed together, when a batch first needs them (0: all before training)"})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 = full fine-tune"})
     lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (default 2 x r)"})
     lora_dropout: float = field(default=0.05)
@@ -265,8 +265,10 @@ class DiffPOTrainer(Trainer):
     def __init__(self, model: Any = None, args: DiffPOConfig | None = None, train_dataset: Any = None,
                  eval_dataset: Any = None, processing_class: Any = None, data_collator: Any = None,
                  ref_model: Any = None, **kw: Any):
-        """``ref_model``: the frozen model the KL hold compares against (default: a copy of
-        ``model`` as it is now, or with LoRA the same model with its adapter off)."""
+        """``ref_model``: the model as training starts, frozen (a copy, or with LoRA the same
+        model with its adapter off). The KL hold compares against it (default: such a copy made
+        here), and when given, the guards' baseline is measured on it at the first evaluation
+        instead of before the first step."""
         args = args or DiffPOConfig(output_dir="diffpo-out")
         pad = templating.ensure_pad_token(processing_class) if processing_class is not None else 0
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
@@ -281,6 +283,7 @@ class DiffPOTrainer(Trainer):
                     and args.trajectory_source == "frontier")
         #: the project's model card (set by ``python -m diffpo_sdk.train``); pushed instead of Trainer's
         self.model_card: str | None = None
+        self.untrained = ref_model
         self.ref_model = None
         if anchored:
             ref = ref_model if ref_model is not None else reference_model(self.model)
@@ -330,11 +333,11 @@ class DiffPOTrainer(Trainer):
 
     # -- evaluation and guards -------------------------------------------------------------
 
-    def heldout_metrics(self, dataset: Any = None) -> dict[str, float]:
-        """Held-out L_AR / L_Con, and repetition of greedy (= fully refined) outputs, on
-        ``dataset`` (default: the trainer's ``eval_dataset``)."""
+    def heldout_metrics(self, dataset: Any = None, model: Any = None) -> dict[str, float]:
+        """Held-out L_AR / L_Con, and repetition of greedy (= fully refined) outputs, of
+        ``model`` (default: the trained one) on ``dataset`` (default: ``eval_dataset``)."""
         ds = self.eval_dataset if dataset is None else dataset
-        model = self.model
+        model = self.model if model is None else model
         metrics = heldout_losses(model, ds, self.data_collator, self.args.per_device_eval_batch_size,
                                  weight=self.args.consistency_weight, **self.loss_kwargs())
         k = min(self.args.guard_prompts, len(ds))
@@ -387,6 +390,10 @@ class DiffPOTrainer(Trainer):
                 "--consistency-weight or --learning-rate, or use --trajectory-source jacobi.")
 
     def _check_guard(self, m: dict[str, float]) -> None:
+        if self.guard_baseline is None and self.untrained is not None:
+            with as_model(self.untrained) as untrained:
+                self.guard_baseline = self.heldout_metrics(model=untrained)
+            log.info("guard baseline (the model as training started): %s", self.guard_baseline)
         base = self.guard_baseline
         if base is None:
             return
@@ -411,9 +418,10 @@ class DiffPOTrainer(Trainer):
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         if self.args.guard and self.eval_dataset is not None and self.guard_baseline is None:
-            self.guard_baseline = self.heldout_metrics()
             self._healthy = self._snapshot()
-            log.info("guard baseline: %s", self.guard_baseline)
+            if self.untrained is None:  # no frozen starting model to measure later: measure now
+                self.guard_baseline = self.heldout_metrics()
+                log.info("guard baseline: %s", self.guard_baseline)
         return super().train(*args, **kwargs)
 
 
