@@ -124,7 +124,10 @@ def build_datasets(cfg: Any, model: Any, tok: Any) -> tuple[Any, Any, Any, set[i
         return LazyStates(builder, tok, prompts, drafts, n, probe.eot, stop,
                           states_per_prompt=cfg.jacobi_states_per_prompt, batch_size=cfg.per_device_eval_batch_size,
                           seed=cfg.seed, chunk=chunk, cache_dir=cache_dir, model_id=model_id,
-                          progress=not cfg.disable_tqdm and cfg.process_index == 0, desc=f"{name} fixed points + states")
+                          # built during training, the states' time shows in Trainer's own bar and ETA (and
+                          # each chunk in the log); a second bar would only garble that one
+                          progress=not (cfg.disable_tqdm or lazy) and cfg.process_index == 0,
+                          desc=f"{name} fixed points + states")
 
     train_states = held_states = None
     with cfg.main_process_first(desc="fixed points and Jacobi states"):
