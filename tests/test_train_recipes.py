@@ -168,3 +168,22 @@ def test_config_file_keeps_nested_mappings(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({"data": "x.jsonl", "guard_actoin": "warn"}))
     with pytest.raises(SystemExit, match="guard_actoin"):
         parse_config(["--config", str(path), "--output-dir", str(tmp_path)])
+
+
+def test_heldout_measures_are_per_token_under_every_recipe(tiny_llama_dir: str, tmp_path: Path) -> None:
+    """The paper recipe trains on N-position sums; its held-out L_AR must still be the per-token
+    figure every table reports, so recipes compare."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from diffpo_sdk.train.evaluate import heldout_losses
+    from diffpo_sdk.train.trainer import loss_kwargs
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    ds = TrajectoryDataset(RECORDS, tok, N, source="answers")
+    collate = DiffPOCollator(ds.pad)
+    paper = heldout_losses(model, ds, collate, **loss_kwargs(cfg(tmp_path, recipe="paper")))
+    sft = heldout_losses(model, ds, collate, **loss_kwargs(cfg(tmp_path, recipe="sft")))
+    assert paper["ar_loss"] == pytest.approx(sft["ar_loss"], rel=1e-5)
+    assert paper["ar_loss"] < 3 * torch.log(torch.tensor(float(len(tok)))).item()  # a per-token cross-entropy
