@@ -187,3 +187,21 @@ def test_heldout_measures_are_per_token_under_every_recipe(tiny_llama_dir: str, 
     sft = heldout_losses(model, ds, collate, **loss_kwargs(cfg(tmp_path, recipe="sft")))
     assert paper["ar_loss"] == pytest.approx(sft["ar_loss"], rel=1e-5)
     assert paper["ar_loss"] < 3 * torch.log(torch.tensor(float(len(tok)))).item()  # a per-token cross-entropy
+
+
+def test_typed_choices_are_the_validated_ones() -> None:
+    """The Literal types argparse shows in --help list exactly the choices DiffPOConfig checks."""
+    import typing
+
+    from diffpo_sdk.train.recipes import CHOICES
+
+    hints = typing.get_type_hints(DiffPOConfig)
+
+    def literal(tp: typing.Any) -> tuple:
+        if typing.get_origin(tp) is typing.Literal:
+            return typing.get_args(tp)
+        return next(typing.get_args(a) for a in typing.get_args(tp) if typing.get_origin(a) is typing.Literal)
+
+    for option, allowed in CHOICES.items():
+        assert set(literal(hints[option])) == set(allowed), option
+    assert set(literal(hints["recipe"])) == set(RECIPES)
