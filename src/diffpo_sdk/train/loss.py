@@ -35,11 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .recipes import CHOICES, check_choice, loss_default
-
-MASKS = CHOICES["consistency_mask"]
-NORMALIZE = CHOICES["consistency_normalize"]
-KINDS = CHOICES["consistency_loss"]
+from .recipes import check_choice, loss_default
 
 
 @dataclass

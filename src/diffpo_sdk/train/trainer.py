@@ -29,8 +29,6 @@ from .states import greedy_answers
 
 log = logging.getLogger(__name__)
 
-SOURCES = CHOICES["trajectory_source"]
-
 
 def _recipe_help(text: str) -> dict[str, str]:
     return {"help": f"{text} (default: from --recipe)"}
