@@ -39,7 +39,7 @@ def main() -> int:
     from diffpo_sdk.train.__main__ import main as train
 
     out = work / "refiner"
-    rc = train(["--model", "smollm2-135m-instruct", "--data", str(traj), "--output-dir", str(out),
+    rc = train(["--recipe", "fast", "--model", "smollm2-135m-instruct", "--data", str(traj), "--output-dir", str(out),
                 "--max-response-tokens", "16", "--max-steps", "2", "--lora-r", "8", "--learning-rate", "1e-4",
                 "--eval-fraction", "0.25", "--max-eval-prompts", "2", "--eval-strategy", "no", "--guard", "false",
                 "--final-eval", "false",  # the before/after table costs minutes on CPU: see docs/training.md

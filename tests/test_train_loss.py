@@ -59,7 +59,7 @@ def reference(model, feats, weight: float, mask_mode: str, normalize: str):
             m = m * (teacher.argmax(-1) != ls.argmax(-1)).float()
         kl_rows.append((kl * m).sum())
         kl_counts.append(float(m.sum()))
-    ar = ar_num / ar_den
+    ar = ar_num / ar_den if normalize == "token" else ar_num / len(feats)
     total = sum(kl_rows)
     con = total / max(sum(kl_counts), 1) if normalize == "token" else total / len(feats)
     return ar + weight * con, ar, con, guesses, right
@@ -77,7 +77,7 @@ def test_loss_matches_reference(tiny, mask_mode: str, normalize: str, monkeypatc
     feats.append({**feats[0], "teacher": ds.padded(ds.items[1]["target"]),
                   "teacher_mask": ds.answer_mask(ds.items[1]["target"]), "teacher_is_target": False})
     batch = DiffPOCollator(ds.pad)(feats)
-    out = diffpo_loss(model, batch, 3.0, mask=mask_mode, normalize=normalize, chunk=5)
+    out = diffpo_loss(model, batch, 3.0, mask=mask_mode, normalize=normalize, chunk=5, kind="kl", fixed_point_weight=0.0)
     ref_loss, ref_ar, ref_con, guesses, right = reference(model, feats, 3.0, mask_mode, normalize)
     assert float(ref_con.detach()) > 0
     assert (out.guesses, out.guesses_right) == (guesses, right) and guesses > 0
@@ -101,8 +101,8 @@ def test_consistency_gradient_flows_only_through_student(tiny, small: int, monke
         loss.backward()
         return [p.grad.clone() for p in params]
 
-    g_full = grads(diffpo_loss(model, batch, 1.0, mask="none", chunk=3).loss)
-    g_ar = grads(diffpo_loss(model, batch, 0.0, mask="none").loss)
+    g_full = grads(diffpo_loss(model, batch, 1.0, mask="none", chunk=3, kind="kl", fixed_point_weight=0.0).loss)
+    g_ar = grads(diffpo_loss(model, batch, 0.0, mask="none", kind="kl", fixed_point_weight=0.0).loss)
     # reference: the teacher from a separate no-grad forward, the KL backpropagated into the student only
     from diffpo_sdk.train.loss import answer_logits, token_kl
 
@@ -189,7 +189,7 @@ def test_frontier_loss_counts_valid_branches_and_trains_only_the_student(tiny) -
     assert all(0 < len(f["branches"]) <= 3 for f in feats)
     batch = DiffPOCollator(ds.pad)(feats)
     for kind in ("kl", "ce"):
-        out = diffpo_loss(model, batch, 2.0, mask="none", kind=kind)
+        out = diffpo_loss(model, batch, 2.0, mask="none", kind=kind, fixed_point_weight=0.0)
         with torch.no_grad():
             _, teacher, student = frontier_logits(model, batch, n)
             per = (token_kl(teacher, student) if kind == "kl" else
@@ -201,10 +201,10 @@ def test_frontier_loss_counts_valid_branches_and_trains_only_the_student(tiny) -
         assert out.guesses_right == int(((teacher.argmax(-1) == student.argmax(-1)).float() * v).sum())
     params = [p for p in model.parameters() if p.requires_grad]
     model.zero_grad()
-    diffpo_loss(model, batch, 1.0, mask="none").loss.backward()
+    diffpo_loss(model, batch, 1.0, mask="none", kind="kl", fixed_point_weight=0.0).loss.backward()
     g_full = [p.grad.clone() for p in params]
     model.zero_grad()
-    diffpo_loss(model, batch, 0.0, mask="none").loss.backward()
+    diffpo_loss(model, batch, 0.0, mask="none", kind="kl", fixed_point_weight=0.0).loss.backward()
     g_ar = [p.grad.clone() for p in params]
     model.zero_grad()
     with torch.no_grad():
@@ -232,8 +232,8 @@ def test_fixed_point_term_is_the_refiners_own_greedy_answer_loss(tiny) -> None:
     y, ds, batch = fixed_point_batch(tok, n)
     assert batch["frontier_fixed_mask"][0].tolist() == [1] * len(y) + [0] * (n - len(y))
     with torch.no_grad():
-        plain = diffpo_loss(model, batch, 1.0, mask="none")
-        anchored = diffpo_loss(model, batch, 1.0, mask="none", fixed_point_weight=0.5)
+        plain = diffpo_loss(model, batch, 1.0, mask="none", kind="kl", fixed_point_weight=0.0)
+        anchored = diffpo_loss(model, batch, 1.0, mask="none", fixed_point_weight=0.5, kind="kl")
         nll = []
         for i in range(len(ds)):
             seq = torch.tensor([ds.items[i]["prompt"] + ds.padded(y)])
@@ -244,7 +244,7 @@ def test_fixed_point_term_is_the_refiners_own_greedy_answer_loss(tiny) -> None:
     torch.testing.assert_close(anchored.fixed_loss, ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(anchored.loss, plain.loss + 0.5 * ref, rtol=1e-4, atol=1e-5)
     # with w = 0 (the warm-up's first step) the fixed-point term still counts
-    early = diffpo_loss(model, batch, 0.0, mask="none", fixed_point_weight=0.5)
+    early = diffpo_loss(model, batch, 0.0, mask="none", fixed_point_weight=0.5, kind="kl")
     torch.testing.assert_close(early.loss, plain.ar_loss + 0.5 * ref, rtol=1e-4, atol=1e-5)
 
 
@@ -262,9 +262,9 @@ def test_kl_anchor_is_kl_from_the_reference_on_y_star(tiny) -> None:
     with torch.no_grad():
         for p in other.parameters():
             p.add_(0.05 * torch.randn_like(p))
-        zero = diffpo_loss(model, batch, 1.0, mask="none", fixed_point_weight=0.5, reference=same)
-        anchored = diffpo_loss(model, batch, 1.0, mask="none", fixed_point_weight=0.5, reference=other)
-        plain = diffpo_loss(model, batch, 1.0, mask="none")
+        zero = diffpo_loss(model, batch, 1.0, mask="none", fixed_point_weight=0.5, reference=same, kind="kl")
+        anchored = diffpo_loss(model, batch, 1.0, mask="none", fixed_point_weight=0.5, reference=other, kind="kl")
+        plain = diffpo_loss(model, batch, 1.0, mask="none", kind="kl", fixed_point_weight=0.0)
         kl = []
         for i in range(len(ds)):
             seq = torch.tensor([ds.items[i]["prompt"] + ds.padded(y)])
@@ -276,7 +276,7 @@ def test_kl_anchor_is_kl_from_the_reference_on_y_star(tiny) -> None:
     assert float(ref) > 1e-3
     torch.testing.assert_close(anchored.fixed_loss, ref, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(anchored.loss, plain.loss + 0.5 * ref, rtol=1e-4, atol=1e-5)
-    out = diffpo_loss(model, batch, 0.0, mask="none", fixed_point_weight=0.5, reference=other)
+    out = diffpo_loss(model, batch, 0.0, mask="none", fixed_point_weight=0.5, reference=other, kind="kl")
     out.loss.backward()
     assert all(p.grad is None for p in other.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())

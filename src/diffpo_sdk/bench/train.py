@@ -66,13 +66,13 @@ def main(argv: list[str] | None = None) -> int:
         opt.zero_grad(set_to_none=True)
 
     def diffpo() -> None:
-        diffpo_loss(model, batch, 1.0).loss.backward()
+        diffpo_loss(model, batch, 1.0, kind="kl", mask="prefix").loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     def jacobi_row() -> None:  # a Jacobi-state row: the teacher is the fixed point, one more no-grad forward
         b = dict(batch, teacher_is_target=torch.zeros_like(batch["teacher_is_target"]))
-        diffpo_loss(model, b, 1.0).loss.backward()
+        diffpo_loss(model, b, 1.0, kind="kl", mask="prefix").loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     front = {k: v.to(device) for k, v in front.items()}
 
     def frontier() -> None:
-        diffpo_loss(model, front, 1.0, kind="ce").loss.backward()
+        diffpo_loss(model, front, 1.0, kind="ce", mask="none", fixed_point_weight=0.0).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -18,8 +18,8 @@ from typing import Any
 log = logging.getLogger("diffpo_sdk.train")
 
 
-def config_to_argv(path: str) -> list[str]:
-    """A YAML/JSON mapping -> flags, so the file and the command line share one parser."""
+def read_config_file(path: str) -> dict[str, Any]:
+    """A YAML/JSON mapping of option names (dash or underscore) to values, nested mappings kept."""
     text = Path(path).read_text()
     if path.endswith((".yaml", ".yml")):
         import yaml
@@ -29,30 +29,36 @@ def config_to_argv(path: str) -> list[str]:
         cfg = json.loads(text)
     if not isinstance(cfg, dict):
         raise SystemExit(f"{path}: expected a mapping of option names to values")
-    argv: list[str] = []
-    for key, value in cfg.items():
-        flag = "--" + str(key).replace("-", "_")
-        if isinstance(value, list):
-            argv += [flag, *map(str, value)]
-        elif isinstance(value, bool):
-            argv += [flag, "true" if value else "false"]
-        elif value is not None:
-            argv += [flag, str(value)]
-    return argv
+    return {str(k).replace("-", "_"): v for k, v in cfg.items()}
 
 
 def parse_config(argv: list[str]) -> Any:
+    """Flags, over a ``--config`` file's values, over the recipe's, over the built-in defaults.
+
+    The file's values become the parser's defaults as they are (not argv strings), so nested
+    mappings such as ``fsdp_config`` reach ``TrainingArguments`` intact.
+    """
+    from dataclasses import fields
+
     from transformers import HfArgumentParser
 
     from .trainer import DiffPOConfig
 
     argv = list(argv)
+    file_values: dict[str, Any] = {}
     if "--config" in argv:
         i = argv.index("--config")
-        argv = config_to_argv(argv[i + 1]) + argv[:i] + argv[i + 2:]
+        file_values = read_config_file(argv[i + 1])
+        argv = argv[:i] + argv[i + 2:]
     elif len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
-        argv = config_to_argv(argv[0])
-    (cfg,) = HfArgumentParser(DiffPOConfig).parse_args_into_dataclasses(args=argv)
+        file_values, argv = read_config_file(argv[0]), []
+    known = {f.name for f in fields(DiffPOConfig) if f.init}
+    unknown = sorted(set(file_values) - known)
+    if unknown:
+        raise SystemExit(f"diffpo train: unknown option(s) in the config file: {', '.join(unknown)}")
+    parser = HfArgumentParser(DiffPOConfig)
+    parser.set_defaults(**file_values)
+    (cfg,) = parser.parse_args_into_dataclasses(args=argv)
     if cfg.data is None:
         raise SystemExit("diffpo train: --data is required (trajectories JSONL from `diffpo data build`)")
     return cfg
@@ -77,11 +83,20 @@ def load_refiner(cfg: Any) -> tuple[Any, Any]:
     return model, tok
 
 
-def build_datasets(cfg: Any, model: Any, tok: Any) -> tuple[Any, Any, list[dict], list[dict]]:
-    """Train/held-out datasets, Jacobi states where asked, and the held-out refine items."""
+def build_datasets(cfg: Any, model: Any, tok: Any) -> tuple[Any, Any, Any, set[int], Any]:
+    """Train/held-out datasets, the held-out states, the stop ids, and the frozen starting model
+    that builds states during training (None when everything is built before training).
+
+    Training states are built lazily, ``--jacobi-states-chunk`` prompts at a time as batches
+    first need them, from a frozen copy of the model as training starts (with LoRA: the
+    adapter switched off, no copy). Held-out states too, when the first evaluation needs them. Under
+    several processes, or with ``--jacobi-states-chunk 0``, every state is built before
+    training, by the main process first, and the other processes read them from the cache.
+    """
     from ..engine import templating
     from .data import load_trajectories
-    from .states import build_states, load_or_build
+    from .reference import reference_model
+    from .states import LazyStates, model_fingerprint
     from .trainer import TrajectoryDataset, split_by_prompt
 
     records = load_trajectories(cfg.data)
@@ -94,49 +109,89 @@ def build_datasets(cfg: Any, model: Any, tok: Any) -> tuple[Any, Any, list[dict]
     n = cfg.max_response_tokens
     stop = templating.stop_token_ids(tok, model.config, getattr(model, "generation_config", None))
     probe = TrajectoryDataset(held[:1], tok, n, cfg.max_prompt_tokens, stop_ids=stop)
+    need_train = cfg.trajectory_source != "answers"
+    need_held = cfg.final_eval or need_train
+    lazy = need_train and cfg.world_size == 1 and cfg.jacobi_states_chunk > 0
+    # states built during training need the model as it started: a frozen copy (LoRA: adapter off)
+    generator = reference_model(model) if lazy else None
+    builder = generator if generator is not None else model
+    model_id = f"{cfg.model}|{model_fingerprint(model)}" if (need_train or need_held) else ""
+    cache_dir = Path(cfg.jacobi_states_dir or cfg.output_dir) / "jacobi_states"
 
-    def states_for(recs: list[dict], name: str) -> list[dict]:
+    def states_for(recs: list[dict], name: str, chunk: int) -> LazyStates:
         prompts = [templating.prompt_ids(tok, r["messages"])[-cfg.max_prompt_tokens:] for r in recs]
         drafts = [templating.draft_ids(tok, (r.get("others") or [r["target"]])[0]) + [probe.eot] for r in recs]
-        key = f"{cfg.model}|{cfg.data}|{n}|{cfg.jacobi_states_per_prompt}|{len(recs)}|{cfg.seed}"
-        return load_or_build(Path(cfg.jacobi_states_dir or cfg.output_dir) / f"jacobi_states_{name}.json", key, lambda: build_states(
-            model, tok, prompts, drafts, n, probe.eot, stop, cfg.jacobi_states_per_prompt,
-            cfg.per_device_eval_batch_size, cfg.seed, not cfg.disable_tqdm))
+        return LazyStates(builder, tok, prompts, drafts, n, probe.eot, stop,
+                          states_per_prompt=cfg.jacobi_states_per_prompt, batch_size=cfg.per_device_eval_batch_size,
+                          seed=cfg.seed, chunk=chunk, cache_dir=cache_dir, model_id=model_id,
+                          # built during training, the states' time shows in Trainer's own bar and ETA (and
+                          # each chunk in the log); a second bar would only garble that one
+                          progress=not (cfg.disable_tqdm or lazy) and cfg.process_index == 0,
+                          desc=f"{name} fixed points + states")
 
-    train_states = states_for(train_recs, "train") if cfg.trajectory_source != "answers" else None
-    held_states = states_for(held, "heldout") if cfg.final_eval or cfg.trajectory_source != "answers" else None
+    train_states = held_states = None
+    with cfg.main_process_first(desc="fixed points and Jacobi states"):
+        if need_train:
+            train_states = states_for(train_recs, "train", cfg.jacobi_states_chunk)
+            if not lazy:
+                train_states = train_states.materialize()
+        if need_held:
+            held_states = states_for(held, "held-out", cfg.jacobi_states_chunk)
+            if not lazy:
+                held_states = held_states.materialize()
     train_ds = TrajectoryDataset(train_recs, tok, n, cfg.max_prompt_tokens, cfg.trajectory_source, train_states,
-                                 cfg.seed, stop, cfg.frontier_branches,
-                                 cfg.frontier_depth)
+                                 cfg.seed, stop, cfg.frontier_branches, cfg.frontier_depth)
     eval_ds = TrajectoryDataset(held, tok, n, cfg.max_prompt_tokens, "answers" if held_states is None else
                                 cfg.trajectory_source, held_states, cfg.seed, stop, cfg.frontier_branches,
                                 cfg.frontier_depth)
-    draft_items = eval_ds.draft_items()
-    state_items = []
-    if held_states:
-        for r, s in zip(held, held_states):
-            ids = s["states"][0]
-            cut = next((i for i, t in enumerate(ids) if t in stop), len(ids))
-            state_items.append({"messages": r["messages"], "draft": tok.decode(ids[:cut])})
-    return train_ds, eval_ds, draft_items, state_items
+    return train_ds, eval_ds, held_states, stop, generator
 
 
-def model_card(cfg: Any, table: str, base_metrics: dict | None, final: dict | None, guard: str | None) -> str:
-    keys = ["consistency_weight", "consistency_warmup_ratio", "consistency_mask", "consistency_normalize",
-            "consistency_loss", "frontier_branches", "frontier_depth", "fixed_point_weight", "fixed_point_anchor",
-            "trajectory_source", "max_response_tokens", "learning_rate", "num_train_epochs", "max_steps",
-            "per_device_train_batch_size", "gradient_accumulation_steps", "lora_r", "seed"]
+def state_items_of(eval_ds: Any, held_states: Any, stop: set[int], tok: Any) -> list[dict]:
+    """Engine items whose drafts are the held-out Jacobi states (cut at their stop token)."""
+    items = []
+    for k, rec in enumerate(eval_ds.records if held_states is not None else []):
+        ids = held_states[k]["states"][0]
+        cut = next((i for i, t in enumerate(ids) if t in stop), len(ids))
+        items.append({"messages": rec["messages"], "draft": tok.decode(ids[:cut])})
+    return items
+
+
+def model_card(cfg: Any, table: str, guard: str | None) -> str:
+    """The project's model card: the recipe that ran, how it differs from the paper, the table."""
+    from .recipes import DIFFERS_FROM_PAPER, LOSS_KEYS, TRAIN_KEYS
+
+    keys = [*LOSS_KEYS, "frontier_branches", "frontier_depth", "max_response_tokens", *TRAIN_KEYS[:-1], "max_steps",
+            "per_device_train_batch_size", "lora_r", "seed"]
     conf = "\n".join(f"- `{k}`: {getattr(cfg, k)}" for k in keys)
+    overrides = getattr(cfg, "recipe_overrides", {})
+    changed = (", ".join(f"`{k}` = {v}" for k, v in overrides.items()) if overrides else "none")
     return (f"---\nbase_model: {cfg.model}\nlibrary_name: diffpo-sdk\ntags: [diffpo, refiner]\n---\n\n"
-            f"# DiffPO refiner trained from `{cfg.model}`\n\nTrained with `python -m diffpo_sdk.train` "
-            f"(L = L_AR + w * L_Con, paper eq. 6) on `{cfg.data}`.\n\n"
+            f"# DiffPO refiner trained from `{cfg.model}`\n\nTrained with `python -m diffpo_sdk.train "
+            f"--recipe {cfg.recipe}` on `{cfg.data}` (L = L_AR + w * L_Con).\n\n"
+            f"- **Recipe:** `{cfg.recipe}`; options changed from it: {changed}.\n"
+            f"- **How the recipe differs from the paper (eq. 4-6):** {DIFFERS_FROM_PAPER[cfg.recipe]}.\n\n"
             f"Serve it with `diffpo serve --model {cfg.output_dir}` or "
             f"`RefinerEngine.from_pretrained({cfg.output_dir!r})`.\n\n## Configuration\n\n{conf}\n\n"
             f"## Evaluation (held-out prompts)\n\n{table or '(final evaluation disabled)'}\n\n"
-            + (f"**Collapse guard fired:** {guard}\n" if guard else "Collapse guards held.\n"))
+            + (f"**Collapse guard fired:** {guard}\n" if guard else
+               ("Collapse guards held.\n" if cfg.guard else "Collapse guards were off.\n")))
+
+
+def first_step_logger(start: float) -> Any:
+    """A callback that logs when the first optimizer step is done, counted from ``start``."""
+    from transformers import TrainerCallback
+
+    class FirstStep(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.global_step == 1 and state.is_world_process_zero:
+                log.info("first optimizer step done %.1f s after start", time.time() - start)
+
+    return FirstStep()
 
 
 def main(argv: list[str] | None = None) -> int:
+    start = time.time()
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = parse_config(argv)
@@ -145,13 +200,16 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.trainer_utils import get_last_checkpoint
 
     from .evaluate import evaluate_refiner, write_table
+    from .reference import as_model
     from .trainer import DiffPOTrainer, loss_kwargs
 
     if os.environ.get("DIFFPO_TRAIN_THREADS"):
         torch.set_num_threads(int(os.environ["DIFFPO_TRAIN_THREADS"]))
     torch.manual_seed(cfg.seed)
+    log.info("process %d of %d (%s, backend %s), recipe %s", cfg.process_index, cfg.world_size,
+             cfg.parallel_mode.value, cfg.distributed_state.backend if cfg.distributed_state else None, cfg.recipe)
     model, tok = load_refiner(cfg)
-    train_ds, eval_ds, draft_items, state_items = build_datasets(cfg, model, tok)
+    train_ds, eval_ds, held_states, stop, generator = build_datasets(cfg, model, tok)
     log.info("%d training prompts, %d held out, source=%s", len(train_ds), len(eval_ds), cfg.trajectory_source)
 
     block: int | str = cfg.max_response_tokens if cfg.eval_block_size == "full" else (
@@ -162,35 +220,51 @@ def main(argv: list[str] | None = None) -> int:
     if resume in ("true", "True", "last"):
         resume = get_last_checkpoint(cfg.output_dir)
     eval_path = Path(cfg.output_dir) / "eval_before.json"
-    if cfg.final_eval and cfg.process_index == 0:
-        if eval_path.is_file():  # resuming: the untrained model was measured already
-            columns["before"] = json.loads(eval_path.read_text())
-        else:
-            t0 = time.time()
-            columns["before"] = evaluate_refiner(model, tok, eval_ds, draft_items=draft_items, state_items=state_items,
-                                                 block_size=block, batch_size=cfg.per_device_eval_batch_size, **loss_kw)
-            eval_path.parent.mkdir(parents=True, exist_ok=True)
-            eval_path.write_text(json.dumps(columns["before"]))
-            log.info("evaluated the untrained model in %.0f s", time.time() - t0)
+    evaluate_kw: dict[str, Any] = dict(draft_items=eval_ds.draft_items(), block_size=block,
+                                       batch_size=cfg.per_device_eval_batch_size, **loss_kw)
+
+    def measure_before(untrained: Any) -> None:
+        t0 = time.time()
+        evaluate_kw.setdefault("state_items", state_items_of(eval_ds, held_states, stop, tok))
+        columns["before"] = evaluate_refiner(untrained, tok, eval_ds, **evaluate_kw)
+        eval_path.parent.mkdir(parents=True, exist_ok=True)
+        eval_path.write_text(json.dumps(columns["before"]))
+        log.info("evaluated the untrained model in %.0f s", time.time() - t0)
+
+    before_pending = cfg.final_eval and cfg.process_index == 0
+    if before_pending and eval_path.is_file():  # resuming: the untrained model was measured already
+        columns["before"] = json.loads(eval_path.read_text())
+        before_pending = False
+    if before_pending and generator is None:  # no frozen copy to measure later: measure now
+        measure_before(model)
+        before_pending = False
     model.train()
 
-    trainer = DiffPOTrainer(model=model, args=cfg, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok)
+    trainer = DiffPOTrainer(model=model, args=cfg, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok,
+                            ref_model=generator, callbacks=[first_step_logger(start)])
     t0 = time.time()
     trainer.train(resume_from_checkpoint=resume)
     train_s = time.time() - t0
+    if before_pending:  # the frozen starting model (or the adapter switched off): measured after, not before, step 1
+        with as_model(generator) as untrained:
+            measure_before(untrained)
 
     save_model(trainer, cfg, tok)
     table = ""
     if cfg.final_eval and trainer.is_world_process_zero():
         final = trainer.model
-        columns["after"] = evaluate_refiner(final, tok, eval_ds, draft_items=draft_items, state_items=state_items,
-                                            block_size=block, batch_size=cfg.per_device_eval_batch_size, **loss_kw)
+        evaluate_kw.setdefault("state_items", state_items_of(eval_ds, held_states, stop, tok))
+        columns["after"] = evaluate_refiner(final, tok, eval_ds, **evaluate_kw)
         table = write_table(cfg.output_dir, columns, {"train_seconds": train_s, "steps": trainer.state.global_step,
                                                        "block_size": block, "guard": trainer.guard_tripped})
         print("\n" + table + "\n")
+    trainer.model_card = model_card(cfg, table, trainer.guard_tripped)
     if trainer.is_world_process_zero():
-        (Path(cfg.output_dir) / "README.md").write_text(
-            model_card(cfg, table, columns.get("before"), columns.get("after"), trainer.guard_tripped))
+        (Path(cfg.output_dir) / "README.md").write_text(trainer.model_card)
+        (Path(cfg.output_dir) / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    if cfg.push_to_hub:
+        trainer.push_to_hub(commit_message=f"DiffPO refiner, recipe {cfg.recipe}")
+    log.info("done %.1f s after start", time.time() - start)
     return 0
 
 

@@ -305,13 +305,17 @@ def generate_answers(prompts: list[dict], models: list[str], cache: AnswerCache,
 Scorer = Callable[[list[dict], list[str]], list[float]]
 
 
-def make_scorer(spec: str, cache: AnswerCache | None = None) -> Scorer | None:
-    """``precomputed`` (None: scores come with the prompts), ``reward-model:PATH`` or ``judge:MODEL``."""
+def make_scorer(spec: str, cache: AnswerCache | None = None, trust_remote_code: bool = False) -> Scorer | None:
+    """``precomputed`` (None: scores come with the prompts), ``reward-model:PATH`` or ``judge:MODEL``.
+
+    ``trust_remote_code`` lets a reward model run the code shipped with it (the paper's ArmoRM
+    needs it); it is off unless asked for, as in transformers.
+    """
     if spec == "precomputed":
         return None
     kind, _, arg = spec.partition(":")
     if kind == "reward-model" and arg:
-        return RewardModelScorer(arg)
+        return RewardModelScorer(arg, trust_remote_code=trust_remote_code)
     if kind == "judge" and arg:
         return JudgeScorer(arg, cache)
     raise DataError(f"unknown scorer {spec!r}: use precomputed, reward-model:PATH or judge:MODEL")
@@ -320,15 +324,16 @@ def make_scorer(spec: str, cache: AnswerCache | None = None) -> Scorer | None:
 class RewardModelScorer:
     """Score with an ``AutoModelForSequenceClassification`` reward model (first logit), chat-templated."""
 
-    def __init__(self, path: str, device: str = "auto"):
+    def __init__(self, path: str, device: str = "auto", trust_remote_code: bool = False):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from ..engine.loading import resolve_device
 
         self.device = resolve_device(device)
-        self.tok = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path).to(self.device).eval()
+        self.tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            path, trust_remote_code=trust_remote_code).to(self.device).eval()
         self.torch = torch
 
     def __call__(self, messages: list[dict], answers: list[str]) -> list[float]:
@@ -376,12 +381,17 @@ class JudgeScorer:
 
 def from_live(prompts_path: str | Path, models: list[str], scorer: str, cache_path: str | Path,
               concurrency: int = 8, retries: int = 3, max_tokens: int = 512, skip_invalid: bool = False,
-              stats: BuildStats | None = None, answer_fn: Callable | None = None) -> Iterator[dict]:
+              stats: BuildStats | None = None, answer_fn: Callable | None = None,
+              trust_remote_code: bool = False) -> Iterator[dict]:
     """Prompts JSONL (``prompt | instruction | messages``, optional ``id``) -> answers -> scores -> records.
 
-    With ``--scorer precomputed`` each prompt row carries ``responses`` with scores already, and
-    models are only asked for answers missing there.
+    With ``--scorer precomputed`` each prompt row carries ``responses`` with scores already;
+    new model answers could not be scored, so asking for ``models`` then is an error (raised
+    before any model is called).
     """
+    if scorer == "precomputed" and models:
+        raise DataError("--scorer precomputed scores only the answers the prompt rows carry; answers from "
+                        "--models would have no score: score them with reward-model:PATH or judge:MODEL")
     stats = stats or BuildStats()
     prompts = []
     for lineno, row in read_jsonl(prompts_path):
@@ -393,7 +403,7 @@ def from_live(prompts_path: str | Path, models: list[str], scorer: str, cache_pa
                 raise DataError(f"{prompts_path}:{lineno}: {e}") from e
             stats.skip(str(e)[:60])
     cache = AnswerCache(cache_path)
-    score_fn = make_scorer(scorer, cache)
+    score_fn = make_scorer(scorer, cache, trust_remote_code)
     answers = generate_answers(prompts, models, cache, concurrency, retries, max_tokens, answer_fn) if models else [
         {} for _ in prompts]
     for p, ans in zip(prompts, answers):
@@ -446,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompts", metavar="PATH", help="prompts JSONL for live generation through LiteLLM")
     p.add_argument("--models", default="", help="comma-separated LiteLLM model names (with --prompts)")
     p.add_argument("--scorer", default="precomputed", help="precomputed | reward-model:PATH | judge:MODEL")
+    p.add_argument("--trust-remote-code", "--trust_remote_code", action="store_true",
+                   help="let a reward-model: scorer run the code its repository ships (ArmoRM needs it)")
     p.add_argument("--cache", default=None, help="answer cache for resuming (default: OUTPUT.cache.jsonl)")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--retries", type=int, default=3)
@@ -474,8 +486,13 @@ def main(argv: list[str] | None = None) -> int:
         if not models and args.scorer != "precomputed":
             print("diffpo data build: --prompts needs --models (or --scorer precomputed with responses)", file=sys.stderr)
             return 2
+        if models and args.scorer == "precomputed":
+            print("diffpo data build: --scorer precomputed cannot score answers from --models; use "
+                  "--scorer reward-model:PATH or judge:MODEL, or drop --models", file=sys.stderr)
+            return 2
         records = from_live(args.prompts, models, args.scorer, args.cache or f"{args.output}.cache.jsonl",
-                            args.concurrency, args.retries, args.max_tokens, args.skip_invalid, stats)
+                            args.concurrency, args.retries, args.max_tokens, args.skip_invalid, stats,
+                            trust_remote_code=args.trust_remote_code)
     if args.limit is not None:
         records = itertools.islice(records, args.limit)
     try:

@@ -39,7 +39,10 @@ def repetition_rate(sequences: list[list[int]], n: int = 3) -> float:
 def heldout_losses(model: Any, dataset: Any, collator: Any, batch_size: int = 8,
                    weight: float = 1.0, **loss_kw: Any) -> dict[str, float]:
     """Token-weighted L_AR on the targets, L_Con (deterministic students) and the guess
-    accuracy (student positions after a wrong token that already predict the teacher's token)."""
+    accuracy (student positions after a wrong token that already predict the teacher's token).
+
+    Both losses are per-token means whatever normalisation the training used (the paper
+    recipe's sums grow with N), so every recipe's numbers compare."""
     from .loss import diffpo_loss
 
     was = model.training
@@ -50,7 +53,7 @@ def heldout_losses(model: Any, dataset: Any, collator: Any, batch_size: int = 8,
     for i in range(0, len(dataset), batch_size):
         batch = collator([dataset.get(j, deterministic=True) for j in range(i, min(i + batch_size, len(dataset)))])
         batch = {k: v.to(device) for k, v in batch.items()}
-        out = diffpo_loss(model, batch, weight, **loss_kw)
+        out = diffpo_loss(model, batch, weight, **{**loss_kw, "normalize": "token"})
         n = float(batch["target_mask"].sum())
         ar_sum += float(out.ar_loss) * n
         ar_n += n

@@ -5,10 +5,14 @@ model then only projects those N positions onto the vocabulary (``logits_to_keep
 the vocabulary-sized softmaxes are taken a few positions at a time under activation
 checkpointing, so the loss never holds more than ``chunk x V`` floats beyond the logits.
 
-Anti-collapse measures (see docs/training.md for the measurements behind the defaults):
+Normalisation (``normalize``), applied to both terms alike so w means the same for both:
 
-- ``normalize="token"``: L_Con is a mean over the counted positions, not the paper's sum
-  over N (which makes w depend on N and let L_Con swamp L_AR);
+- ``"sum"`` (the paper, eq. 4-5): L_AR and L_Con are each a sum over the N answer positions
+  of a sequence, averaged over the batch;
+- ``"token"``: each is a mean over its counted positions (w then does not grow with N).
+
+Anti-collapse measures (see docs/training.md for the measurements behind them):
+
 - ``mask``: positions whose student prefix equals the teacher's prefix have KL = 0 by
   construction; ``"prefix"`` leaves them out of the mean, ``"argmax"`` also leaves out
   positions where the student's greedy token already equals the teacher's (nothing left
@@ -31,9 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-MASKS = ("none", "prefix", "argmax")
-NORMALIZE = ("token", "sum")
-KINDS = ("kl", "ce")
+from .recipes import check_choice, loss_default
 
 
 @dataclass
@@ -187,8 +189,7 @@ def consistency_mask(student_ans: torch.Tensor, teacher_ans: torch.Tensor, base:
                      teacher_logits: torch.Tensor | None = None,
                      student_logits: torch.Tensor | None = None) -> torch.Tensor:
     """Which answer positions L_Con counts (float, (B, N))."""
-    if mode not in MASKS:
-        raise ValueError(f"consistency mask {mode!r}: use one of {MASKS}")
+    check_choice("consistency_mask", mode)
     mask = base.float()
     if mode == "none":
         return mask
@@ -203,9 +204,10 @@ def consistency_mask(student_ans: torch.Tensor, teacher_ans: torch.Tensor, base:
     return mask
 
 
-def diffpo_loss(model: Any, batch: dict[str, torch.Tensor], weight: float, *, mask: str = "prefix",
-                normalize: str = "token", chunk: int = 16, kind: str = "kl",
-                fixed_point_weight: float = 0.0, reference: Any = None, count_guesses: bool = True) -> LossOutput:
+def diffpo_loss(model: Any, batch: dict[str, torch.Tensor], weight: float, *, mask: str | None = None,
+                normalize: str | None = None, chunk: int = 16, kind: str | None = None,
+                fixed_point_weight: float | None = None, reference: Any = None,
+                count_guesses: bool = True) -> LossOutput:
     """L_AR on the target + ``weight`` x L_Con of the student sequence toward the teacher.
 
     ``batch`` (from :class:`~diffpo_sdk.train.trainer.DiffPOCollator`): ``target_ids``,
@@ -220,6 +222,7 @@ def diffpo_loss(model: Any, batch: dict[str, torch.Tensor], weight: float, *, ma
     are the teachers.
 
     ``kind``: ``"kl"`` (the paper) or ``"ce"``, cross-entropy toward the teacher's argmax.
+    Options left ``None`` take the default recipe's value (:mod:`~diffpo_sdk.train.recipes`).
 
     ``fixed_point_weight`` (frontier rows only) adds that times L_AR on the refiner's own
     fixed point y*, read off the clean path of the same packed forward: it holds the greedy
@@ -231,18 +234,21 @@ def diffpo_loss(model: Any, batch: dict[str, torch.Tensor], weight: float, *, ma
     ``count_guesses`` fills ``guesses``/``guesses_right`` (an argmax over the vocabulary and
     a host sync): evaluation wants them, a training step does not.
     """
-    if normalize not in NORMALIZE:
-        raise ValueError(f"consistency normalize {normalize!r}: use one of {NORMALIZE}")
-    if kind not in KINDS:
-        raise ValueError(f"consistency loss {kind!r}: use one of {KINDS}")
-    if mask not in MASKS:
-        raise ValueError(f"consistency mask {mask!r}: use one of {MASKS}")
+    mask = loss_default("consistency_mask") if mask is None else mask
+    normalize = loss_default("consistency_normalize") if normalize is None else normalize
+    kind = loss_default("consistency_loss") if kind is None else kind
+    fixed_point_weight = loss_default("fixed_point_weight") if fixed_point_weight is None else fixed_point_weight
+    for option, value in (("consistency_mask", mask), ("consistency_normalize", normalize),
+                          ("consistency_loss", kind)):
+        check_choice(option, value)
     divergence = token_kl if kind == "kl" else token_ce_argmax
     n = batch["target_answer"].shape[1]
     t_logits = answer_logits(model, batch["target_ids"], batch["target_attention_mask"], n)
     tmask = batch["target_mask"].float()
     nll = token_nll(t_logits, batch["target_answer"], chunk)
-    ar = (nll * tmask).sum() / tmask.sum().clamp(min=1)
+    ar_total = (nll * tmask).sum()
+    # the paper: a sum over the N positions per sequence, mean over the batch; else a token mean
+    ar = ar_total / tmask.shape[0] if normalize == "sum" else ar_total / tmask.sum().clamp(min=1)
 
     zero = ar.new_zeros(())
     anchored = bool(fixed_point_weight) and "frontier_ids" in batch

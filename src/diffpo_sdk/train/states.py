@@ -12,8 +12,11 @@ to turn a different model's answer into the target.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import time
 import random
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,8 @@ from typing import Any
 import torch
 
 from .loss import pad_answer, position_ids
+
+log = logging.getLogger(__name__)
 
 
 def _left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,10 +73,13 @@ def one_pass(model: Any, prompts: list[list[int]], answers: list[list[int]], pad
 def build_states(model: Any, tokenizer: Any, prompts: list[list[int]], drafts: list[list[int]], n: int,
                  eot: int, stop_ids: set[int], states_per_prompt: int = 2, batch_size: int = 8, seed: int = 0,
                  progress: bool = True) -> list[dict[str, Any]]:
-    """For each prompt: ``{"fixed_point": y* ids, "states": [N ids, ...]}`` (see module doc)."""
+    """For each prompt: ``{"fixed_point": y* ids, "states": [N ids, ...]}`` (see module doc).
+
+    The start position of each state is drawn from a generator seeded by ``seed`` and the
+    prompt's own tokens, so a prompt gets the same states in whatever chunk it is built.
+    """
     from tqdm.auto import tqdm
 
-    rng = random.Random(seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot
     was_training = model.training
     model.eval()
@@ -80,6 +88,7 @@ def build_states(model: Any, tokenizer: Any, prompts: list[list[int]], drafts: l
         fixed += greedy_answers(model, prompts[i:i + batch_size], n, stop_ids, pad, batch_size)
     jobs = []  # (prompt index, start state)
     for k, (y, d) in enumerate(zip(fixed, drafts)):
+        rng = random.Random(f"{seed}:{content_key([prompts[k], d])}")
         y_pad, d_pad = pad_answer(y, n, eot), pad_answer(d, n, eot)
         for _ in range(states_per_prompt):
             c = rng.randrange(0, max(1, len(y) - 1))
@@ -94,15 +103,92 @@ def build_states(model: Any, tokenizer: Any, prompts: list[list[int]], drafts: l
     return [{"fixed_point": y, "states": s} for y, s in zip(fixed, states)]
 
 
-def load_or_build(path: Path, key: str, build: Any) -> list[dict[str, Any]]:
-    """Reuse states saved under ``path`` for the same ``key`` (model + data + N); else build and save."""
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved.get("key") == key:
-            return saved["items"]
-    items = build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # several ranks may write the same states
-    tmp.write_text(json.dumps({"key": key, "items": items}))
-    tmp.replace(path)
-    return items
+def content_key(parts: Any) -> str:
+    """A short, stable hash of JSON-able content (cache keys)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def model_fingerprint(model: Any) -> str:
+    """A cheap hash of a model's weights (a few values of every tensor): part of the cache key,
+    so states of one checkpoint are never served for another saved under the same name."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            h.update(name.encode())
+            h.update(p.detach().flatten()[:64].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+class LazyStates:
+    """Fixed points and Jacobi states, built ``chunk`` prompts at a time when first asked for.
+
+    ``states[k]`` builds (or loads from ``cache_dir``) the chunk holding prompt ``k`` with
+    ``model``, which must stay the model as training started (a frozen copy, or a LoRA model
+    with its adapter off). A chunk's cache file is named by a key over its prompt and draft
+    tokens, ``model_id``, N, the states per prompt and the seed, so a different split, model
+    or N never reuses stale states. ``chunk=0`` means one chunk of everything.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, prompts: list[list[int]], drafts: list[list[int]], n: int,
+                 eot: int, stop_ids: set[int], *, states_per_prompt: int = 2, batch_size: int = 8, seed: int = 0,
+                 chunk: int = 32, cache_dir: str | Path | None = None, model_id: str = "", progress: bool = True,
+                 desc: str = "fixed points + jacobi states"):
+        self.model, self.tokenizer, self.prompts, self.drafts = model, tokenizer, prompts, drafts
+        self.n, self.eot, self.stop_ids = n, eot, stop_ids
+        self.per_prompt, self.batch_size, self.seed = states_per_prompt, batch_size, seed
+        self.chunk = chunk if chunk > 0 else max(1, len(prompts))
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.model_id = model_id
+        self.chunks: dict[int, list[dict[str, Any]]] = {}
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        c = k // self.chunk
+        if c not in self.chunks:
+            self.chunks[c] = self._load_or_build(c)
+        return self.chunks[c][k - c * self.chunk]
+
+    def materialize(self) -> list[dict[str, Any]]:
+        """Every prompt's states, in order (builds what is missing)."""
+        return [self[k] for k in range(len(self))]
+
+    def key(self, c: int) -> str:
+        lo, hi = c * self.chunk, min(len(self.prompts), (c + 1) * self.chunk)
+        return content_key([self.model_id, self.n, self.per_prompt, self.seed, self.prompts[lo:hi],
+                            self.drafts[lo:hi]])
+
+    def _load_or_build(self, c: int) -> list[dict[str, Any]]:
+        lo, hi = c * self.chunk, min(len(self.prompts), (c + 1) * self.chunk)
+        key = self.key(c)
+        path = self.cache_dir / f"states-{key}.json" if self.cache_dir is not None else None
+        items = None
+        if path is not None and path.is_file():
+            try:
+                saved = json.loads(path.read_text())
+                items = saved["items"] if saved.get("key") == key else None
+            except (json.JSONDecodeError, KeyError):
+                items = None  # a file cut by a crash: build again
+        if items is not None:
+            log.info("states of prompts %d-%d loaded from %s", lo, hi - 1, path)
+        else:
+            t0 = time.time()
+            items = build_states(self.model, self.tokenizer, self.prompts[lo:hi], self.drafts[lo:hi], self.n,
+                                 self.eot, self.stop_ids, self.per_prompt, self.batch_size, self.seed, progress=False)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # several ranks may write the same chunk
+                tmp.write_text(json.dumps({"key": key, "items": items}))
+                tmp.replace(path)
+            log.info("states of prompts %d-%d built in %.1f s", lo, hi - 1, time.time() - t0)
+        if self.bar is not None:
+            self.bar.update(hi - lo)
+            if sum(len(v) for v in self.chunks.values()) + hi - lo >= len(self.prompts):
+                self.bar.close()
+        return items

@@ -7,14 +7,13 @@ stack unchanged.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 import random
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import Dataset
@@ -24,85 +23,93 @@ from transformers.trainer_utils import IntervalStrategy
 from ..engine import templating
 from .evaluate import heldout_losses, refine_metrics, repetition_rate
 from .loss import answer_mask, diffpo_loss, frontier_rows, pad_answer
+from .recipes import CHOICES, DEFAULT_RECIPE, check_choice, recipe_values
+from .reference import as_model, prepare_reference, reference_model
 from .states import greedy_answers
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("answers", "jacobi", "mix", "frontier")
-ANCHORS = ("ce", "kl")
 
-
-class AdapterOff:
-    """A peft model with its adapter switched off: the model before training, at no memory cost."""
-
-    def __init__(self, model: Any):
-        self.model = model
-        self.config = model.config
-
-    def parameters(self) -> Any:
-        return self.model.parameters()
-
-    def __call__(self, **kw: Any) -> Any:
-        with self.model.disable_adapter():
-            return self.model(**kw)
-
-
-def reference_model(model: Any) -> Any:
-    """The model as it is now, frozen, for the KL anchor on y*'s path (see ``diffpo_loss``)."""
-    if hasattr(model, "disable_adapter"):
-        return AdapterOff(model)
-    ref = copy.deepcopy(model).eval()
-    ref.requires_grad_(False)
-    return ref
+def _recipe_help(text: str) -> dict[str, str]:
+    return {"help": f"{text} (default: from --recipe)"}
 
 
 @dataclass
 class DiffPOConfig(TrainingArguments):
-    """Every ``TrainingArguments`` flag, plus the DiffPO ones below (dash or underscore spellings)."""
+    """Every ``TrainingArguments`` flag, plus the DiffPO ones below (dash or underscore spellings).
 
+    Options marked "default: from --recipe" are filled from the named recipe
+    (:mod:`~diffpo_sdk.train.recipes`) unless given; every string-valued choice is checked
+    here, once, before ``TrainingArguments`` sees the values.
+    """
+
+    recipe: Literal["paper", "fast", "sft"] = field(default=DEFAULT_RECIPE, metadata={"help": (
+        "named option set: paper (eq. 4-6 with the paper's settings) | fast (frontier branches, CE, KL hold: "
+        "speed, not the paper) | sft (the w = 0 control); explicit flags override it")})
     model: str = field(default="smollm2-135m-instruct", metadata={"help": "refiner to start from: hub id, folder, .gguf or smollm2-135m-instruct"})
     data: str | None = field(default=None, metadata={"help": "trajectories JSONL from `diffpo data build`"})
     eval_data: str | None = field(default=None, metadata={"help": "held-out trajectories; default: a split of --data by prompt"})
     eval_fraction: float = field(default=0.1, metadata={"help": "share of prompts held out when --eval-data is not given"})
     max_train_prompts: int | None = field(default=None, metadata={"help": "use only the first N training prompts"})
     max_eval_prompts: int = field(default=64, metadata={"help": "cap on held-out prompts (evaluation cost)"})
-    max_response_tokens: int = field(default=256, metadata={"help": "N: answers are cut or padded to N tokens like engine drafts"})
+    max_response_tokens: int = field(default=256, metadata={"help": "N: answers are cut or padded to N tokens like engine drafts (the paper: 256)"})
     max_prompt_tokens: int = field(default=512, metadata={"help": "prompts longer than this keep their last tokens"})
-    consistency_weight: float = field(default=2.0, metadata={"help": "w in L = L_AR + w * L_Con (0 = SFT-only control)"})
-    consistency_warmup_ratio: float = field(default=0.1, metadata={"help": "w ramps linearly from 0 over this share of the steps"})
-    consistency_mask: str = field(default="none", metadata={"help": "none | prefix | argmax (which positions L_Con counts)"})
-    consistency_normalize: str = field(default="token", metadata={"help": "token (mean over counted positions) | sum (paper: sum over N)"})
-    consistency_loss: str = field(default="ce", metadata={"help": "kl (paper) | ce (cross-entropy toward the teacher's greedy token)"})
+    consistency_weight: float | None = field(default=None, metadata=_recipe_help("w in L = L_AR + w * L_Con (0 = SFT-only control)"))
+    consistency_warmup_ratio: float | None = field(default=None, metadata=_recipe_help("w ramps linearly from 0 over this share of the steps"))
+    consistency_mask: Literal["none", "prefix", "argmax"] | None = field(default=None, metadata=_recipe_help("which positions L_Con counts"))
+    consistency_normalize: Literal["token", "sum"] | None = field(default=None, metadata=_recipe_help("sum (paper: L_AR and L_Con each summed over the N positions) | token (each a mean over its counted positions)"))
+    consistency_loss: Literal["kl", "ce"] | None = field(default=None, metadata=_recipe_help("kl (paper: forward KL from the stop-gradient teacher) | ce (cross-entropy toward the teacher's greedy token)"))
     frontier_branches: int | None = field(default=None, metadata={"help": "frontier source: branch tokens per row (default N)"})
     frontier_depth: int = field(default=1, metadata={"help": "frontier source: wrong guesses per branch (1: the token right after a miss)"})
-    fixed_point_weight: float = field(default=5.0, metadata={"help": "frontier source: weight of the hold on the refiner's own greedy answer y* (see --fixed-point-anchor)"})
-    fixed_point_anchor: str = field(default="kl", metadata={"help": "ce (L_AR on y*) | kl (KL from the model before training on y*'s path: holds the whole distribution, not only the greedy token; costs one no-grad forward and, without LoRA, a frozen copy of the model)"})
+    fixed_point_weight: float | None = field(default=None, metadata=_recipe_help("frontier source: weight of the hold on the refiner's own greedy answer y* (see --fixed-point-anchor)"))
+    fixed_point_anchor: Literal["ce", "kl"] | None = field(default=None, metadata=_recipe_help("ce (L_AR on y*) | kl (KL from the model before training on y*'s path: holds the whole distribution; costs one no-grad forward and, without LoRA, a frozen copy of the model)"))
     kl_chunk: int = field(default=16, metadata={"help": "positions per vocabulary-sized softmax chunk (memory bound)"})
-    trajectory_source: str = field(default="frontier", metadata={"help": "answers (paper: other models' answers) | jacobi (own Jacobi states) | mix | frontier (one-token branches off the fixed point, from the Jacobi states)"})
+    trajectory_source: Literal["answers", "jacobi", "mix", "frontier"] | None = field(default=None, metadata=_recipe_help("answers (paper: other models' answers) | jacobi (own Jacobi states) | mix | frontier (one-token branches off the fixed point, from the Jacobi states)"))
     jacobi_states_per_prompt: int = field(default=2, metadata={"help": "partial Jacobi states generated per training prompt"})
     jacobi_states_dir: str | None = field(default=None, metadata={"help": "where generated states are cached (default: output_dir); share it between runs"})
+    jacobi_states_chunk: int = field(default=8, metadata={"help": "prompts whose fixed points and states are computed together, when a batch first needs them (0: all before training)"})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 = full fine-tune"})
     lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (default 2 x r)"})
     lora_dropout: float = field(default=0.05)
     lora_target_modules: str = field(default="all-linear")
     merge_lora: bool = field(default=False, metadata={"help": "save a merged model instead of the adapter"})
     model_dtype: str = field(default="float32", metadata={"help": "dtype of the loaded weights (mixed precision: --bf16)"})
-    guard: bool = field(default=True, metadata={"help": "watch held-out L_AR and repetition at each evaluation"})
+    guard: bool | None = field(default=None, metadata=_recipe_help("watch held-out L_AR and repetition at each evaluation (true/false)"))
     guard_ar_tolerance: float = field(default=0.1, metadata={"help": "max rise of held-out L_AR over the untrained model (nats)"})
     guard_repetition_tolerance: float = field(default=0.1, metadata={"help": "max rise of the repeated 3-gram share"})
-    guard_action: str = field(default="stop", metadata={"help": "stop (restore the last healthy weights) | warn"})
+    guard_action: Literal["stop", "warn"] = field(default="stop", metadata={"help": "stop (restore the last healthy weights) | warn"})
     guard_prompts: int = field(default=8, metadata={"help": "held-out prompts greedily refined for the repetition guard"})
     eval_block_size: str = field(default="full", metadata={"help": "block size for passes/token in the final table: full (=N), auto or an int"})
     final_eval: bool = field(default=True, metadata={"help": "print and write the before/after evaluation table"})
+    # TrainingArguments options a recipe sets (None here = take the recipe's value)
+    learning_rate: float | None = field(default=None, metadata=_recipe_help("peak learning rate"))
+    lr_scheduler_type: str | None = field(default=None, metadata=_recipe_help("learning-rate schedule (linear, cosine, ...)"))
+    warmup_steps: float | None = field(default=None, metadata=_recipe_help("warm-up steps, or a share of the steps below 1"))
+    gradient_accumulation_steps: int | None = field(default=None, metadata=_recipe_help("batches per optimizer step"))
+    num_train_epochs: float | None = field(default=None, metadata=_recipe_help("epochs (max_steps wins when set)"))
+    weight_decay: float | None = field(default=None, metadata=_recipe_help("AdamW weight decay"))
     # Defaults that differ from TrainingArguments:
     eval_strategy: IntervalStrategy | str = field(default="steps")
     eval_steps: float | None = field(default=50)
     logging_steps: float = field(default=10)
     save_steps: float = field(default=200)
     save_total_limit: int | None = field(default=2)
-    learning_rate: float = field(default=3e-5)
     per_device_train_batch_size: int = field(default=1)
     remove_unused_columns: bool = field(default=False)
+
+    def __post_init__(self) -> None:
+        values = recipe_values(self.recipe)
+        #: options given explicitly that differ from the recipe's value (for the model card)
+        self.recipe_overrides = {}
+        for key, value in values.items():
+            mine = getattr(self, key)
+            if mine is None:
+                setattr(self, key, value)
+            elif mine != value:
+                self.recipe_overrides[key] = mine
+        for option in CHOICES:
+            check_choice(option, getattr(self, option))
+        super().__post_init__()
 
 
 class TrajectoryDataset(Dataset):
@@ -118,13 +125,15 @@ class TrajectoryDataset(Dataset):
     """
 
     def __init__(self, records: list[dict], tokenizer: Any, n: int, max_prompt_tokens: int = 512,
-                 source: str = "answers", states: list[dict] | None = None, seed: int = 0,
+                 source: str = "answers", states: Any = None, seed: int = 0,
                  stop_ids: set[int] | None = None, branches: int | None = None, depth: int = 1):
-        if source not in SOURCES:
-            raise ValueError(f"trajectory source {source!r}: use one of {SOURCES}")
+        check_choice("trajectory_source", source)
         if source != "answers" and states is None:
             raise ValueError(f"trajectory source {source!r} needs Jacobi states (see diffpo_sdk.train.states)")
-        self.n, self.source, self.rng = n, source, random.Random(seed)
+        self.n, self.source, self.seed = n, source, seed
+        #: draws so far per prompt: the k-th draw of prompt i depends only on (seed, i, k), so
+        #: a prompt gets the same y^(t) whichever process or batch it lands in
+        self.draws = [0] * len(records)
         self.branches, self.depth = branches or n, max(1, depth)
         self.pad = templating.ensure_pad_token(tokenizer)
         self.stop_ids = stop_ids or templating.stop_token_ids(tokenizer)
@@ -136,10 +145,9 @@ class TrajectoryDataset(Dataset):
             prompt = templating.prompt_ids(tokenizer, rec["messages"])[-max_prompt_tokens:]
             item = {"prompt": prompt, "target": self._answer(tokenizer, rec["target"]),
                     "others": [self._answer(tokenizer, o) for o in rec.get("others", []) if o.strip()]}
-            if states is not None:
-                item["fixed_point"] = states[k]["fixed_point"]
-                item["states"] = states[k]["states"]
             self.items.append(item)
+        #: per prompt ``{"fixed_point", "states"}``: a list, or a ``LazyStates`` that builds them on first use
+        self.states = states
 
     def _answer(self, tokenizer: Any, text: str) -> list[int]:
         """Answer tokens + the stop token; ``padded`` then cuts/pads to N like an engine draft."""
@@ -164,7 +172,14 @@ class TrajectoryDataset(Dataset):
 
     def get(self, i: int, deterministic: bool = False) -> dict[str, Any]:
         item = self.items[i]
-        rng = random.Random(i) if deterministic else self.rng
+        if self.states is not None and self.source != "answers":
+            st = self.states[i]
+            item = {**item, "fixed_point": st["fixed_point"], "states": st["states"]}
+        if deterministic:
+            rng = random.Random(i)
+        else:
+            rng = random.Random(f"{self.seed}:{i}:{self.draws[i]}")
+            self.draws[i] += 1
         if self.source == "frontier":
             return {"prompt": item["prompt"], "target": self.padded(item["target"]),
                     "target_mask": self.answer_mask(item["target"]), **self.frontier(item, rng)}
@@ -246,7 +261,12 @@ class DiffPOTrainer(Trainer):
     """``Trainer`` with the DiffPO loss, per-loss logging and the collapse guards."""
 
     def __init__(self, model: Any = None, args: DiffPOConfig | None = None, train_dataset: Any = None,
-                 eval_dataset: Any = None, processing_class: Any = None, data_collator: Any = None, **kw: Any):
+                 eval_dataset: Any = None, processing_class: Any = None, data_collator: Any = None,
+                 ref_model: Any = None, **kw: Any):
+        """``ref_model``: the model as training starts, frozen (a copy, or with LoRA the same
+        model with its adapter off). The KL hold compares against it (default: such a copy made
+        here), and when given, the guards' baseline is measured on it at the first evaluation
+        instead of before the first step."""
         args = args or DiffPOConfig(output_dir="diffpo-out")
         pad = templating.ensure_pad_token(processing_class) if processing_class is not None else 0
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
@@ -257,11 +277,27 @@ class DiffPOTrainer(Trainer):
         self.guard_baseline: dict[str, float] | None = None
         self.guard_tripped: str | None = None
         self._healthy: dict[str, torch.Tensor] | None = None
-        if args.fixed_point_anchor not in ANCHORS:
-            raise ValueError(f"--fixed-point-anchor {args.fixed_point_anchor!r}: use one of {ANCHORS}")
         anchored = (args.fixed_point_anchor == "kl" and args.fixed_point_weight > 0
                     and args.trajectory_source == "frontier")
-        self.ref_model = reference_model(self.model) if anchored else None
+        #: the project's model card (set by ``python -m diffpo_sdk.train``); pushed instead of Trainer's
+        self.model_card: str | None = None
+        self.untrained = ref_model
+        self.ref_model = None
+        if anchored:
+            ref = ref_model if ref_model is not None else reference_model(self.model)
+            self.ref_model = prepare_reference(ref, self.accelerator)
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """Write the project's model card (recipe, differences from the paper, evaluation) where
+        ``push_to_hub`` looks for one; Trainer's generic card only when there is none."""
+        if self.model_card is None:
+            return super().create_model_card(*args, **kwargs)
+        if self.is_world_process_zero():
+            from pathlib import Path
+
+            Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(self.args.output_dir) / "README.md").write_text(self.model_card)
+        return None
 
     # -- loss ------------------------------------------------------------------------------
 
@@ -295,10 +331,11 @@ class DiffPOTrainer(Trainer):
 
     # -- evaluation and guards -------------------------------------------------------------
 
-    def heldout_metrics(self) -> dict[str, float]:
-        """Held-out L_AR / L_Con, and repetition of greedy (= fully refined) outputs."""
-        ds = self.eval_dataset
-        model = self.model
+    def heldout_metrics(self, dataset: Any = None, model: Any = None) -> dict[str, float]:
+        """Held-out L_AR / L_Con, and repetition of greedy (= fully refined) outputs, of
+        ``model`` (default: the trained one) on ``dataset`` (default: ``eval_dataset``)."""
+        ds = self.eval_dataset if dataset is None else dataset
+        model = self.model if model is None else model
         metrics = heldout_losses(model, ds, self.data_collator, self.args.per_device_eval_batch_size,
                                  weight=self.args.consistency_weight, **self.loss_kwargs())
         k = min(self.args.guard_prompts, len(ds))
@@ -317,12 +354,15 @@ class DiffPOTrainer(Trainer):
         return metrics
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        if self.eval_dataset is None:
+        """The held-out measures on ``eval_dataset`` (default: the trainer's); the collapse guard
+        judges only the trainer's own held-out set, against which its baseline was taken."""
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if dataset is None:
             return {}
-        raw = self.heldout_metrics()
+        raw = self.heldout_metrics(dataset)
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in raw.items()}
         self.log(metrics)
-        if self.args.guard:
+        if self.args.guard and eval_dataset is None:
             self._check_guard(raw)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
@@ -348,6 +388,10 @@ class DiffPOTrainer(Trainer):
                 "--consistency-weight or --learning-rate, or use --trajectory-source jacobi.")
 
     def _check_guard(self, m: dict[str, float]) -> None:
+        if self.guard_baseline is None and self.untrained is not None:
+            with as_model(self.untrained) as untrained:
+                self.guard_baseline = self.heldout_metrics(model=untrained)
+            log.info("guard baseline (the model as training started): %s", self.guard_baseline)
         base = self.guard_baseline
         if base is None:
             return
@@ -372,9 +416,10 @@ class DiffPOTrainer(Trainer):
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         if self.args.guard and self.eval_dataset is not None and self.guard_baseline is None:
-            self.guard_baseline = self.heldout_metrics()
             self._healthy = self._snapshot()
-            log.info("guard baseline: %s", self.guard_baseline)
+            if self.untrained is None:  # no frozen starting model to measure later: measure now
+                self.guard_baseline = self.heldout_metrics()
+                log.info("guard baseline: %s", self.guard_baseline)
         return super().train(*args, **kwargs)
 
 
