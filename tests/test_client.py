@@ -10,7 +10,7 @@ import sys
 import httpx
 import pytest
 
-from diffpo_sdk.bench.client import EchoEngine, free_port, serve_engine
+from diffpo_sdk.testing import EchoEngine, free_port, serve_engine
 from diffpo_sdk.client import (
     AsyncDiffPOClient,
     AsyncInProcessClient,

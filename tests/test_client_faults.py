@@ -22,7 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from langchain_core.messages import AIMessage
 
-from diffpo_sdk.bench.client import ServerThread, free_port
+from diffpo_sdk.testing import ServerThread, free_port
 from diffpo_sdk.client import AsyncDiffPOClient, DiffPOClient
 from diffpo_sdk.errors import InvalidRequestError, RefinerUnavailableError
 from diffpo_sdk.runnable import DiffPORefiner
@@ -68,6 +68,11 @@ def faults():
     server = ServerThread(fault_app(f)).start()
     yield f, server.url
     server.stop()
+
+
+def ask(draft: str) -> dict:
+    """A draft with its prompt (a draft without one is never sent to the refiner)."""
+    return {"prompt": "Say something.", "draft": AIMessage(content=draft)}
 
 
 def _check_none_lost(drafts: list[str], outputs: list[AIMessage]) -> tuple[int, int]:
@@ -143,7 +148,7 @@ async def test_503_storm_loses_no_draft(faults):
 
     async def one(d: str) -> AIMessage:
         async with sem:
-            return await refiner.ainvoke(AIMessage(content=d))
+            return await refiner.ainvoke(ask(d))
 
     outputs = await asyncio.gather(*(one(d) for d in drafts))
     refined, kept = _check_none_lost(drafts, outputs)
@@ -159,7 +164,7 @@ async def test_slow_responses_lose_no_draft(faults):
 
     async def one(d: str) -> AIMessage:
         async with sem:
-            return await refiner.ainvoke(AIMessage(content=d))
+            return await refiner.ainvoke(ask(d))
 
     outputs = await asyncio.gather(*(one(d) for d in drafts))
     refined, kept = _check_none_lost(drafts, outputs)
@@ -173,14 +178,14 @@ def test_refused_connections_lose_no_draft():
     refiner = DiffPORefiner(endpoint=dead, timeout=0.5)
     drafts = [f"draft {i}" for i in range(200)]
     t0 = time.monotonic()
-    outputs = refiner.batch([AIMessage(content=d) for d in drafts[:100]])
-    outputs += [refiner.invoke(AIMessage(content=d)) for d in drafts[100:]]
+    outputs = refiner.batch([ask(d) for d in drafts[:100]])
+    outputs += [refiner.invoke(ask(d)) for d in drafts[100:]]
     assert _check_none_lost(drafts, outputs) == (0, 200)
     assert "ConnectError" in outputs[0].response_metadata["diffpo"]["error"]
     assert time.monotonic() - t0 < 60
-    assert refiner.invoke("plain text") == "plain text"
+    assert refiner.invoke({"prompt": "q", "draft": "plain text"}) == "plain text"
     with pytest.raises(RefinerUnavailableError):
-        DiffPORefiner(endpoint=dead, timeout=0.5, fail_open=False).invoke("plain text")
+        DiffPORefiner(endpoint=dead, timeout=0.5, fail_open=False).invoke({"prompt": "q", "draft": "plain text"})
 
 
 SERVER_SCRIPT = textwrap.dedent("""
@@ -231,8 +236,8 @@ async def test_server_killed_mid_request_loses_no_draft(tmp_path, faults):
         drafts = [f"draft {i}" for i in range(120)]
         alone = DiffPORefiner(endpoint=doomed, timeout=3)
         paired = DiffPORefiner(endpoint=[doomed, backup], timeout=5)
-        tasks = [asyncio.create_task(alone.ainvoke(AIMessage(content=d))) for d in drafts[:60]]
-        tasks += [asyncio.create_task(paired.ainvoke(AIMessage(content=d))) for d in drafts[60:]]
+        tasks = [asyncio.create_task(alone.ainvoke(ask(d))) for d in drafts[:60]]
+        tasks += [asyncio.create_task(paired.ainvoke(ask(d))) for d in drafts[60:]]
         await asyncio.sleep(0.3)  # requests are in flight on the doomed server
         os.kill(proc.pid, signal.SIGKILL)
         outputs = await asyncio.gather(*tasks)

@@ -21,7 +21,7 @@ from fastapi.responses import StreamingResponse
 from litellm.types.utils import ModelResponse
 
 import diffpo_sdk
-from diffpo_sdk.bench.client import EchoEngine, ServerThread, free_port, serve_engine
+from diffpo_sdk.testing import EchoEngine, ServerThread, free_port, serve_engine
 from diffpo_sdk.settings import DiffPOSettings
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -427,13 +427,12 @@ def test_failed_load_is_reported_by_health(start_server):
 def test_cli_serves_a_model_end_to_end(tiny_llama_dir, tmp_path):
     """``python -m diffpo_sdk.server`` in its own process: binds loopback, loads, serves, logs no content."""
     import os
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from diffpo_sdk.testing import free_port
+
+    port = free_port()
     env = {**os.environ, "DIFFPO_API_KEY": "cli-key", "OMP_NUM_THREADS": "1"}
     log = tmp_path / "server.log"
     with open(log, "wb") as out:

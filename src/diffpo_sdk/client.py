@@ -1,14 +1,18 @@
-"""Refiner clients with one interface: HTTP (sync and async) and in-process.
+"""Refiner clients: one sync and one async client, each over a transport.
+
+In the manner of httpx: :class:`RefinerClient` and :class:`AsyncRefinerClient` hold what
+every call shares (options from the settings, the prompt guard, one overall deadline,
+the OpenTelemetry span, fail-open), written once; a *transport* only sends a batch of
+items and returns the answer. Two transports exist: HTTP (one pooled ``httpx`` client,
+failover between endpoints, tenacity retries of connection errors, timeouts, 408, 429
+and 5xx honouring ``Retry-After``) and the engine in this process. A streaming call goes
+on the transports as ``stream(items, opts, deadline, span)`` beside ``send``.
 
 ``refine(items, ...)`` returns a :class:`~diffpo_sdk.protocol.RefineResponse` or raises a
 typed error; ``refine_or_keep(items, ...)`` never loses a draft: when the refiner cannot
-answer it returns the draft marked ``{"refined": False, "error": ...}`` (fail-open), or
-raises in strict mode. Every call is one OpenTelemetry span.
-
-The HTTP clients keep one pooled ``httpx`` client, spread calls over several endpoints
-and fail over between them. Retries are the only retry layer of a refinement call:
-tenacity retries connection errors, timeouts, 408, 429 and 5xx, honours ``Retry-After``
-and backs off exponentially with jitter, all under one overall deadline.
+answer it returns the draft marked ``{"refined": False, "reason": ..., "error": ...}``
+(fail-open), or raises in strict mode. ``DiffPOClient``/``AsyncDiffPOClient`` (HTTP) and
+``InProcessClient``/``AsyncInProcessClient`` are these clients with their transport built.
 """
 
 from __future__ import annotations
@@ -21,22 +25,24 @@ import threading
 import time
 import weakref
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 from opentelemetry import propagate, trace
+from opentelemetry.trace import Span
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
     Retrying,
     retry_if_exception_type,
     stop_after_attempt,
-    stop_before_delay,
     wait_exponential_jitter,
 )
 
 from . import tracing
+from .engine_protocol import RefinerEngineProtocol
 from .errors import ContextLengthError, DiffPOError, InvalidRequestError, ModelNotFoundError, RefinerUnavailableError
 from .protocol import MAX_ITEMS_PER_REQUEST, RefineItem, RefineOptions, RefineRequest, RefineResponse, coerce_items
 from .settings import DiffPOSettings
@@ -48,16 +54,40 @@ RETRY_STATUSES = frozenset({408, 429})
 #: seconds an endpoint that refused a connection is skipped while others are available
 REFUSED_COOLDOWN = 1.0
 
+#: ``info["reason"]`` of a draft returned unrefined
+NO_PROMPT = "no_prompt"
+REFINER_FAILED = "refiner_failed"
+
+NO_PROMPT_HELP = (
+    "a draft came with no prompt (none given, none captured), so it is returned unrefined "
+    "(reason 'no_prompt'): refined against an empty prompt, the draft would be replaced by an unrelated "
+    "answer. Supply the prompt in one of three ways: let DiffPORefiner capture it from the chat model in "
+    "the same chain (prompt | llm | DiffPORefiner()), pass {'messages': ..., 'draft': ...}, or use "
+    "DiffPORefiner.wrap(llm). This warning is logged once per process."
+)
+
 __all__ = [
+    "NO_PROMPT",
+    "REFINER_FAILED",
     "AsyncDiffPOClient",
+    "AsyncEngineTransport",
+    "AsyncHTTPTransport",
     "AsyncInProcessClient",
+    "AsyncRefinerClient",
+    "AsyncTransport",
     "DiffPOClient",
+    "EngineTransport",
+    "HTTPTransport",
     "InProcessClient",
     "Outcome",
+    "RefinerClient",
+    "Transport",
     "async_client_from_settings",
     "client_from_settings",
+    "has_prompt",
     "shared_async_client",
     "shared_client",
+    "use_shared_client",
 ]
 
 
@@ -67,106 +97,57 @@ class Outcome:
 
     text: str
     refined: bool
-    #: the ``diffpo`` metadata: stats when refined, ``error`` when not
+    #: the ``diffpo`` metadata: stats when refined, ``reason`` (and ``error``) when not
     info: dict[str, Any] = field(default_factory=dict)
 
 
-# -- options and outcomes, shared by every backend ---------------------------------------
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
 
 
-def _options(settings: DiffPOSettings, overrides: dict[str, Any]) -> RefineOptions:
-    opts = {
-        "block_size": settings.block_size,
-        "max_new_tokens": settings.max_new_tokens,
-        "max_iterations": settings.max_iterations,
-    }
-    opts.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return RefineOptions(**opts)
-    except ValueError as e:
-        raise InvalidRequestError(str(e)) from e
+def warn_once(key: str, message: str) -> None:
+    """Log ``message`` as a warning the first time ``key`` comes up in this process, then at debug."""
+    with _warned_lock:
+        first = key not in _warned
+        _warned.add(key)
+    log.log(logging.WARNING if first else logging.DEBUG, message)
 
 
-def _items(items: Sequence[RefineItem | dict[str, Any]]) -> list[RefineItem]:
-    try:
-        return coerce_items(list(items))
-    except ValueError as e:
-        raise InvalidRequestError(str(e)) from e
+def has_prompt(item: RefineItem) -> bool:
+    """Whether the item carries a conversation to refine against (an empty one has nothing)."""
+    return any(turn["content"].strip() for turn in item.conversation())
 
 
-def _outcomes(
-    items: list[RefineItem],
-    result: RefineResponse | BaseException,
-    opts: RefineOptions,
-    sources: Sequence[str],
-    backend: str,
-    started: float,
-) -> list[Outcome]:
-    if isinstance(result, BaseException):
-        error = f"{type(result).__name__}: {result}"
-        return [
-            Outcome(item.draft, False, {"refined": False, "error": error, "prompt": src, "backend": backend})
-            for item, src in zip(items, sources)
-        ]
-    latency_ms = round((time.perf_counter() - started) * 1000, 3)
-    server_ms = result.timing.get("total_ms") if result.timing else None
-    return [
-        Outcome(
-            out.text,
-            True,
-            {
-                "refined": True,
-                "model": result.model,
-                "block_size": opts.block_size,
-                "iterations": out.iterations,
-                "new_tokens": out.new_tokens,
-                "passes_per_token": round(out.passes_per_token, 4),
-                "converged": out.converged,
-                "finish_reason": out.finish_reason,
-                "prompt": src,
-                "backend": backend,
-                "latency_ms": latency_ms,
-                "server_ms": None if server_ms is None else round(float(server_ms), 3),
-            },
-        )
-        for out, src in zip(result.items, sources)
-    ]
+# -- transports ------------------------------------------------------------------------------
 
 
-class _Traced:
-    """The span and fail-open logic both client flavours share."""
+class Transport(Protocol):
+    """Sends one batch of items (at most ``max_items``) and returns the refiner's answer.
 
-    settings: DiffPOSettings
+    ``deadline`` is a ``time.monotonic()`` instant shared by every batch of one call;
+    ``span`` is the call's span, for transport attributes (server address, attempts).
+    """
+
     backend: str
-    model: str | None = None
+    model: str | None
+    max_items: int | None
 
-    def _span(self, items: list[RefineItem], opts: RefineOptions, sources: Sequence[str]) -> Any:
-        return tracing.refine_span(
-            items,
-            backend=self.backend,
-            block_size=opts.block_size,
-            max_iterations=opts.max_iterations,
-            max_new_tokens=opts.max_new_tokens,
-            model=self.model,
-            prompt_sources=sources,
-            capture_content=self.settings.capture_content,
-        )
+    def send(self, items: list[RefineItem], opts: RefineOptions, deadline: float, span: Span) -> RefineResponse: ...
 
-    def _prepare(self, items: Sequence[RefineItem | dict[str, Any]], options: dict[str, Any],
-                 prompt_sources: Sequence[str] | None) -> tuple[list[RefineItem], RefineOptions, Sequence[str]]:
-        parsed = _items(items)
-        if len(parsed) == 0:
-            raise InvalidRequestError("nothing to refine: 'items' is empty")
-        return parsed, _options(self.settings, options), prompt_sources or ["explicit"] * len(parsed)
-
-    def _failed(self, span: Any, error: BaseException, fail_open: bool) -> None:
-        tracing.record_fallback(span, error, fail_open=fail_open)
-        if fail_open:
-            log.warning("refiner could not answer, returning the draft(s) unrefined: %s: %s",
-                        type(error).__name__, error)
+    def close(self) -> None: ...
 
 
-# -- HTTP --------------------------------------------------------------------------------
+class AsyncTransport(Protocol):
+    """The asyncio form of :class:`Transport`."""
+
+    backend: str
+    model: str | None
+    max_items: int | None
+
+    async def send(self, items: list[RefineItem], opts: RefineOptions, deadline: float,
+                   span: Span) -> RefineResponse: ...
+
+    async def aclose(self) -> None: ...
 
 
 class _RetryableError(Exception):
@@ -248,31 +229,52 @@ class _Endpoints:
         return max(0.0, soonest - now) if soonest > now else None
 
 
-class _HTTPBase(_Traced):
-    backend = "http"
+def _note_retry(state: RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome else None
+    trace.get_current_span().add_event(tracing.RETRY_EVENT, {
+        "diffpo.attempt": state.attempt_number,
+        "diffpo.retry_reason": str(error)[:300],
+        "diffpo.wait_s": round(state.upcoming_sleep, 4),
+    })
 
-    def __init__(self, endpoint: str | Sequence[str] | None, api_key: str | None, timeout: float | None,
-                 retries: int | None, settings: DiffPOSettings | None) -> None:
-        self.settings = (settings or DiffPOSettings()).merged(
-            endpoint=endpoint, api_key=api_key, timeout=timeout, retries=retries
-        )
-        if not self.settings.endpoint:
+
+def _mark_server(span: Span, url: str, attempts: int) -> None:
+    if span.is_recording():
+        u = httpx.URL(url)
+        port = u.port or (443 if u.scheme == "https" else 80)
+        span.set_attributes({tracing.SERVER_ADDRESS: u.host, tracing.SERVER_PORT: port,
+                             tracing.DIFFPO_ATTEMPTS: attempts})
+
+
+class _HTTPAttempts:
+    """What one HTTP attempt needs before and after the send, shared by both HTTP transports."""
+
+    backend = "http"
+    max_items: int | None = MAX_ITEMS_PER_REQUEST
+    model: str | None = None
+
+    def __init__(self, settings: DiffPOSettings) -> None:
+        if not settings.endpoint:
             raise InvalidRequestError(
                 "no refiner endpoint: pass endpoint='http://host:8000' or set DIFFPO_ENDPOINT "
                 "(or use InProcessClient to run the refiner in this process)"
             )
-        self.endpoints = _Endpoints(self.settings.endpoint)
+        self.settings = settings
+        self.endpoints = _Endpoints(settings.endpoint)
         self._headers = {"content-type": "application/json", "accept": "application/json"}
-        if self.settings.api_key is not None:
-            self._headers["authorization"] = f"Bearer {self.settings.api_key.get_secret_value()}"
+        if settings.api_key is not None:
+            self._headers["authorization"] = f"Bearer {settings.api_key.get_secret_value()}"
         self._wait_backoff = wait_exponential_jitter(initial=0.05, max=2.0, jitter=0.05)
 
-    # tenacity policy -----------------------------------------------------------------
+    def policy(self, deadline: float) -> dict[str, Any]:
+        """tenacity's arguments: retry transient errors until ``retries`` or the deadline runs out."""
 
-    def _policy(self) -> dict[str, Any]:
+        def past_deadline(state: RetryCallState) -> bool:
+            return time.monotonic() + (state.upcoming_sleep or 0.0) >= deadline
+
         return {
             "retry": retry_if_exception_type(_RetryableError),
-            "stop": stop_after_attempt(self.settings.retries + 1) | stop_before_delay(self.settings.timeout),
+            "stop": stop_after_attempt(self.settings.retries + 1) | past_deadline,
             "wait": self._wait,
             "before_sleep": _note_retry,
             "reraise": True,
@@ -286,13 +288,11 @@ class _HTTPBase(_Traced):
             return 0.0  # fail over to another endpoint at once
         return max(self._wait_backoff(state), delay or 0.0)
 
-    # one attempt, split around the actual send ----------------------------------------
-
-    def _body(self, items: list[RefineItem], opts: RefineOptions) -> bytes:
+    def body(self, items: list[RefineItem], opts: RefineOptions) -> bytes:
         req = RefineRequest.model_construct(items=items, **opts.model_dump())
         return req.model_dump_json(exclude_none=True).encode()
 
-    def _begin(self, avoid: str | None, deadline: float) -> tuple[str, dict[str, str], httpx.Timeout]:
+    def begin(self, avoid: str | None, deadline: float) -> tuple[str, dict[str, str], httpx.Timeout]:
         url = self.endpoints.pick(avoid)
         headers = dict(self._headers)
         propagate.inject(headers)  # W3C traceparent: the server's spans nest under ours
@@ -300,13 +300,13 @@ class _HTTPBase(_Traced):
         timeout = httpx.Timeout(remaining, connect=min(self.settings.connect_timeout, remaining))
         return url, headers, timeout
 
-    def _transport_error(self, url: str, e: httpx.HTTPError) -> _RetryableError:
+    def transport_error(self, url: str, e: httpx.HTTPError) -> _RetryableError:
         if isinstance(e, httpx.ConnectError):
             self.endpoints.cool(url, REFUSED_COOLDOWN)
         kind = "timed out" if isinstance(e, httpx.TimeoutException) else "failed"
         return _RetryableError(f"request to {url} {kind}: {type(e).__name__}: {e}", endpoint=url)
 
-    def _finish(self, url: str, resp: httpx.Response) -> RefineResponse:
+    def finish(self, url: str, resp: httpx.Response) -> RefineResponse:
         if resp.status_code == 200:
             try:
                 return RefineResponse.model_validate_json(resp.content)
@@ -317,112 +317,41 @@ class _HTTPBase(_Traced):
             self.endpoints.cool(url, error.retry_after)
         raise error
 
-    def _gave_up(self, e: _RetryableError, attempts: int) -> RefinerUnavailableError:
+    def gave_up(self, e: _RetryableError, attempts: int) -> RefinerUnavailableError:
         return RefinerUnavailableError(
-            f"refiner unavailable after {attempts} attempt(s) within {self.settings.timeout:g}s: {e}",
+            f"refiner unavailable after {attempts} attempt(s) within the call's deadline: {e}",
             status_code=e.status_code,
             retry_after=e.retry_after,
         )
 
 
-def _note_retry(state: RetryCallState) -> None:
-    error = state.outcome.exception() if state.outcome else None
-    trace.get_current_span().add_event(tracing.RETRY_EVENT, {
-        "diffpo.attempt": state.attempt_number,
-        "diffpo.retry_reason": str(error)[:300],
-        "diffpo.wait_s": round(state.upcoming_sleep, 4),
-    })
+def _pool_limits() -> httpx.Limits:
+    return httpx.Limits(max_connections=100, max_keepalive_connections=32)
 
 
-def _mark_server(span: Any, url: str, attempts: int) -> None:
-    if span.is_recording():
-        u = httpx.URL(url)
-        port = u.port or (443 if u.scheme == "https" else 80)
-        span.set_attributes({tracing.SERVER_ADDRESS: u.host, tracing.SERVER_PORT: port,
-                             tracing.DIFFPO_ATTEMPTS: attempts})
+class HTTPTransport(_HTTPAttempts):
+    """Refiner servers over HTTP, with failover and retries (thread-safe)."""
 
+    def __init__(self, settings: DiffPOSettings, http_client: httpx.Client | None = None) -> None:
+        super().__init__(settings)
+        self._http = http_client or httpx.Client(limits=_pool_limits(), trust_env=False)
 
-class DiffPOClient(_HTTPBase):
-    """Synchronous HTTP client of one or several refiner servers.
-
-    ``DiffPOClient("http://127.0.0.1:8000").refine([{"prompt": "Hi", "draft": "hello"}])``.
-    Thread-safe; reuse one instance (it holds the connection pool). Arguments left out
-    come from ``settings`` or the ``DIFFPO_*`` environment.
-    """
-
-    def __init__(
-        self,
-        endpoint: str | Sequence[str] | None = None,
-        *,
-        api_key: str | None = None,
-        timeout: float | None = None,
-        retries: int | None = None,
-        settings: DiffPOSettings | None = None,
-        http_client: httpx.Client | None = None,
-    ) -> None:
-        super().__init__(endpoint, api_key, timeout, retries, settings)
-        self._http = http_client or httpx.Client(
-            limits=httpx.Limits(max_connections=100, max_keepalive_connections=32), trust_env=False
-        )
-
-    def refine(self, items: Sequence[RefineItem | dict[str, Any]], **options: Any) -> RefineResponse:
-        """Refine the drafts; raises a :class:`~diffpo_sdk.errors.DiffPOError` on failure.
-
-        Options (``block_size``, ``max_new_tokens``, ``max_iterations``,
-        ``keep_draft_prefix``) default to the settings.
-        """
-        parsed, opts, sources = self._prepare(items, options, None)
-        with self._span(parsed, opts, sources) as span:
-            try:
-                resp = self._send(parsed, opts, span)
-            except Exception as e:
-                self._failed(span, e, fail_open=False)
-                raise
-            tracing.record_response(span, resp, capture_content=self.settings.capture_content)
-            return resp
-
-    def refine_or_keep(self, items: Sequence[RefineItem | dict[str, Any]], *, fail_open: bool | None = None,
-                       prompt_sources: Sequence[str] | None = None, **options: Any) -> list[Outcome]:
-        """Like :meth:`refine`, but each draft comes back (marked) when the refiner fails."""
-        started = time.perf_counter()
-        fail_open = self.settings.fail_open if fail_open is None else fail_open
-        parsed, opts, sources = self._prepare(items, options, prompt_sources)
-        with self._span(parsed, opts, sources) as span:
-            try:
-                result: RefineResponse | BaseException = self._send(parsed, opts, span)
-            except Exception as e:
-                self._failed(span, e, fail_open)
-                if not fail_open:
-                    raise
-                result = e
-            else:
-                tracing.record_response(span, result, capture_content=self.settings.capture_content)
-        return _outcomes(parsed, result, opts, sources, self.backend, started)
-
-    def _send(self, items: list[RefineItem], opts: RefineOptions, span: Any) -> RefineResponse:
-        if len(items) <= MAX_ITEMS_PER_REQUEST:
-            return self._post(items, opts, span)
-        parts = [self._post(items[i : i + MAX_ITEMS_PER_REQUEST], opts, span)
-                 for i in range(0, len(items), MAX_ITEMS_PER_REQUEST)]
-        return RefineResponse(items=[x for p in parts for x in p.items], model=parts[0].model, timing=parts[-1].timing)
-
-    def _post(self, items: list[RefineItem], opts: RefineOptions, span: Any) -> RefineResponse:
-        body = self._body(items, opts)
-        deadline = time.monotonic() + self.settings.timeout
+    def send(self, items: list[RefineItem], opts: RefineOptions, deadline: float, span: Span) -> RefineResponse:
+        body = self.body(items, opts)
         url: str | None = None
         attempts = 0
         try:
-            for attempt in Retrying(**self._policy()):
+            for attempt in Retrying(**self.policy(deadline)):
                 with attempt:
                     attempts += 1
-                    url, headers, timeout = self._begin(url, deadline)
+                    url, headers, timeout = self.begin(url, deadline)
                     try:
                         resp = self._http.post(url + REFINE_PATH, content=body, headers=headers, timeout=timeout)
                     except httpx.HTTPError as e:
-                        raise self._transport_error(url, e) from e
-                    out = self._finish(url, resp)
+                        raise self.transport_error(url, e) from e
+                    out = self.finish(url, resp)
         except _RetryableError as e:
-            raise self._gave_up(e, attempts) from e
+            raise self.gave_up(e, attempts) from e
         finally:
             if url is not None:
                 _mark_server(span, url, attempts)
@@ -431,85 +360,31 @@ class DiffPOClient(_HTTPBase):
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> DiffPOClient:
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+class AsyncHTTPTransport(_HTTPAttempts):
+    """The asyncio form of :class:`HTTPTransport` (its pool belongs to one event loop)."""
 
+    def __init__(self, settings: DiffPOSettings, http_client: httpx.AsyncClient | None = None) -> None:
+        super().__init__(settings)
+        self._http = http_client or httpx.AsyncClient(limits=_pool_limits(), trust_env=False)
 
-class AsyncDiffPOClient(_HTTPBase):
-    """The asyncio twin of :class:`DiffPOClient` (use one per event loop)."""
-
-    def __init__(
-        self,
-        endpoint: str | Sequence[str] | None = None,
-        *,
-        api_key: str | None = None,
-        timeout: float | None = None,
-        retries: int | None = None,
-        settings: DiffPOSettings | None = None,
-        http_client: httpx.AsyncClient | None = None,
-    ) -> None:
-        super().__init__(endpoint, api_key, timeout, retries, settings)
-        self._http = http_client or httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=100, max_keepalive_connections=32), trust_env=False
-        )
-
-    async def refine(self, items: Sequence[RefineItem | dict[str, Any]], **options: Any) -> RefineResponse:
-        """See :meth:`DiffPOClient.refine`."""
-        parsed, opts, sources = self._prepare(items, options, None)
-        with self._span(parsed, opts, sources) as span:
-            try:
-                resp = await self._send(parsed, opts, span)
-            except Exception as e:
-                self._failed(span, e, fail_open=False)
-                raise
-            tracing.record_response(span, resp, capture_content=self.settings.capture_content)
-            return resp
-
-    async def refine_or_keep(self, items: Sequence[RefineItem | dict[str, Any]], *, fail_open: bool | None = None,
-                             prompt_sources: Sequence[str] | None = None, **options: Any) -> list[Outcome]:
-        """See :meth:`DiffPOClient.refine_or_keep`."""
-        started = time.perf_counter()
-        fail_open = self.settings.fail_open if fail_open is None else fail_open
-        parsed, opts, sources = self._prepare(items, options, prompt_sources)
-        with self._span(parsed, opts, sources) as span:
-            try:
-                result: RefineResponse | BaseException = await self._send(parsed, opts, span)
-            except Exception as e:
-                self._failed(span, e, fail_open)
-                if not fail_open:
-                    raise
-                result = e
-            else:
-                tracing.record_response(span, result, capture_content=self.settings.capture_content)
-        return _outcomes(parsed, result, opts, sources, self.backend, started)
-
-    async def _send(self, items: list[RefineItem], opts: RefineOptions, span: Any) -> RefineResponse:
-        if len(items) <= MAX_ITEMS_PER_REQUEST:
-            return await self._post(items, opts, span)
-        parts = await asyncio.gather(*(self._post(items[i : i + MAX_ITEMS_PER_REQUEST], opts, span)
-                                       for i in range(0, len(items), MAX_ITEMS_PER_REQUEST)))
-        return RefineResponse(items=[x for p in parts for x in p.items], model=parts[0].model, timing=parts[-1].timing)
-
-    async def _post(self, items: list[RefineItem], opts: RefineOptions, span: Any) -> RefineResponse:
-        body = self._body(items, opts)
-        deadline = time.monotonic() + self.settings.timeout
+    async def send(self, items: list[RefineItem], opts: RefineOptions, deadline: float,
+                   span: Span) -> RefineResponse:
+        body = self.body(items, opts)
         url: str | None = None
         attempts = 0
         try:
-            async for attempt in AsyncRetrying(**self._policy()):
+            async for attempt in AsyncRetrying(**self.policy(deadline)):
                 with attempt:
                     attempts += 1
-                    url, headers, timeout = self._begin(url, deadline)
+                    url, headers, timeout = self.begin(url, deadline)
                     try:
                         resp = await self._http.post(url + REFINE_PATH, content=body, headers=headers, timeout=timeout)
                     except httpx.HTTPError as e:
-                        raise self._transport_error(url, e) from e
-                    out = self._finish(url, resp)
+                        raise self.transport_error(url, e) from e
+                    out = self.finish(url, resp)
         except _RetryableError as e:
-            raise self._gave_up(e, attempts) from e
+            raise self.gave_up(e, attempts) from e
         finally:
             if url is not None:
                 _mark_server(span, url, attempts)
@@ -518,20 +393,12 @@ class AsyncDiffPOClient(_HTTPBase):
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def __aenter__(self) -> AsyncDiffPOClient:
-        return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-
-# -- in-process --------------------------------------------------------------------------
-
-_ENGINES: dict[tuple[str, str, str, str | None], Any] = {}
+_ENGINES: dict[tuple[str, str, str, str | None], RefinerEngineProtocol] = {}
 _ENGINES_LOCK = threading.Lock()
 
 
-def _load_engine(settings: DiffPOSettings) -> Any:
+def _load_engine(settings: DiffPOSettings) -> RefinerEngineProtocol:
     """One engine per (model, device, dtype, adapter) in this process, loaded on first use."""
     key = (settings.model, settings.device, settings.dtype, settings.adapter)
     with _ENGINES_LOCK:
@@ -549,59 +416,30 @@ def _load_engine(settings: DiffPOSettings) -> Any:
         return _ENGINES[key]
 
 
-class InProcessClient(_Traced):
-    """The refiner engine in this process, behind the same interface as :class:`DiffPOClient`.
+class EngineTransport:
+    """The refiner engine in this process, loaded on first use (or the one passed in).
 
-    The engine (torch, transformers) is imported and loaded on the first call, once per
-    process and model. Pass ``engine=`` to reuse one you already hold.
+    The engine cannot be interrupted, so the deadline is checked before the batch starts.
     """
 
     backend = "in_process"
+    max_items: int | None = None
 
-    def __init__(self, model: str | None = None, *, settings: DiffPOSettings | None = None, engine: Any = None,
-                 device: str | None = None, dtype: str | None = None, adapter: str | None = None) -> None:
-        self.settings = (settings or DiffPOSettings()).merged(model=model, device=device, dtype=dtype, adapter=adapter)
+    def __init__(self, settings: DiffPOSettings, engine: RefinerEngineProtocol | None = None) -> None:
+        self.settings = settings
         self._engine = engine
-        self.model = getattr(engine, "model_name", None) or self.settings.model
+        self.model: str | None = getattr(engine, "model_name", None) or settings.model
 
     @property
-    def engine(self) -> Any:
+    def engine(self) -> RefinerEngineProtocol:
         if self._engine is None:
             self._engine = _load_engine(self.settings)
         return self._engine
 
-    def refine(self, items: Sequence[RefineItem | dict[str, Any]], **options: Any) -> RefineResponse:
-        """See :meth:`DiffPOClient.refine`."""
-        parsed, opts, sources = self._prepare(items, options, None)
-        with self._span(parsed, opts, sources) as span:
-            try:
-                resp = self._run(parsed, opts)
-            except Exception as e:
-                self._failed(span, e, fail_open=False)
-                raise
-            tracing.record_response(span, resp, capture_content=self.settings.capture_content)
-            return resp
-
-    def refine_or_keep(self, items: Sequence[RefineItem | dict[str, Any]], *, fail_open: bool | None = None,
-                       prompt_sources: Sequence[str] | None = None, **options: Any) -> list[Outcome]:
-        """See :meth:`DiffPOClient.refine_or_keep`."""
-        started = time.perf_counter()
-        fail_open = self.settings.fail_open if fail_open is None else fail_open
-        parsed, opts, sources = self._prepare(items, options, prompt_sources)
-        with self._span(parsed, opts, sources) as span:
-            try:
-                result: RefineResponse | BaseException = self._run(parsed, opts)
-            except Exception as e:
-                self._failed(span, e, fail_open)
-                if not fail_open:
-                    raise
-                result = e
-            else:
-                tracing.record_response(span, result, capture_content=self.settings.capture_content)
-        return _outcomes(parsed, result, opts, sources, self.backend, started)
-
-    def _run(self, items: list[RefineItem], opts: RefineOptions) -> RefineResponse:
+    def send(self, items: list[RefineItem], opts: RefineOptions, deadline: float, span: Span) -> RefineResponse:
         engine = self.engine
+        if time.monotonic() >= deadline:
+            raise RefinerUnavailableError("the call's deadline passed before the in-process refiner could start")
         started = time.perf_counter()
         try:
             results = engine.refine(items, **opts.model_dump())
@@ -616,94 +454,358 @@ class InProcessClient(_Traced):
     def close(self) -> None:
         """Nothing to release: the engine stays loaded for the process."""
 
-    def __enter__(self) -> InProcessClient:
+
+class AsyncEngineTransport:
+    """:class:`EngineTransport` for asyncio: the engine runs in a worker thread."""
+
+    backend = "in_process"
+    max_items: int | None = None
+
+    def __init__(self, settings: DiffPOSettings, engine: RefinerEngineProtocol | None = None) -> None:
+        self.sync = EngineTransport(settings, engine)
+        self.model = self.sync.model
+
+    @property
+    def engine(self) -> RefinerEngineProtocol:
+        return self.sync.engine
+
+    async def send(self, items: list[RefineItem], opts: RefineOptions, deadline: float,
+                   span: Span) -> RefineResponse:
+        return await asyncio.to_thread(self.sync.send, items, opts, deadline, span)
+
+    async def aclose(self) -> None:
+        """Nothing to release: the engine stays loaded for the process."""
+
+
+# -- the client core -----------------------------------------------------------------------------
+
+
+@dataclass
+class _Call:
+    """One refinement call taken apart: what goes to the refiner, and what cannot."""
+
+    items: list[RefineItem]
+    opts: RefineOptions
+    sources: list[str]
+    #: positions of the items that go to the refiner (the others have no prompt)
+    todo: list[int]
+    deadline: float
+    started: float = field(default_factory=time.perf_counter)
+
+    def batches(self, max_items: int | None) -> list[list[RefineItem]]:
+        sent = [self.items[i] for i in self.todo]
+        step = max_items or len(sent)
+        return [sent[i : i + step] for i in range(0, len(sent), step)]
+
+
+def _merge(parts: Sequence[RefineResponse]) -> RefineResponse:
+    if len(parts) == 1:
+        return parts[0]
+    return RefineResponse(items=[x for p in parts for x in p.items], model=parts[0].model, timing=parts[-1].timing)
+
+
+class _ClientCore:
+    """Everything a call does around the transport's send, for both client flavours."""
+
+    settings: DiffPOSettings
+    backend: str
+    model: str | None
+
+    def _begin(self, items: Sequence[RefineItem | dict[str, Any]], options: dict[str, Any],
+               prompt_sources: Sequence[str] | None, *, strict: bool) -> _Call:
+        try:
+            parsed = coerce_items(list(items))
+        except ValueError as e:
+            raise InvalidRequestError(str(e)) from e
+        if not parsed:
+            raise InvalidRequestError("nothing to refine: 'items' is empty")
+        opts = {"block_size": self.settings.block_size, "max_new_tokens": self.settings.max_new_tokens,
+                "max_iterations": self.settings.max_iterations}
+        opts.update({k: v for k, v in options.items() if v is not None})
+        try:
+            ropts = RefineOptions(**opts)
+        except ValueError as e:
+            raise InvalidRequestError(str(e)) from e
+        todo = [i for i, item in enumerate(parsed) if has_prompt(item)]
+        if len(todo) < len(parsed):
+            if strict:
+                raise InvalidRequestError(NO_PROMPT_HELP.replace("it is returned unrefined (reason 'no_prompt')",
+                                                                 "it cannot be refined"))
+            warn_once(NO_PROMPT, NO_PROMPT_HELP)
+        sources = list(prompt_sources) if prompt_sources else ["explicit"] * len(parsed)
+        deadline = time.monotonic() + self.settings.call_timeout(ropts.max_new_tokens)
+        return _Call(parsed, ropts, sources, todo, deadline)
+
+    def _span(self, call: _Call) -> AbstractContextManager[Span]:
+        return tracing.refine_span(
+            [call.items[i] for i in call.todo],
+            backend=self.backend,
+            block_size=call.opts.block_size,
+            max_iterations=call.opts.max_iterations,
+            max_new_tokens=call.opts.max_new_tokens,
+            model=self.model,
+            prompt_sources=[call.sources[i] for i in call.todo],
+            capture_content=self.settings.capture_content,
+        )
+
+    def _failed(self, span: Span, error: BaseException, fail_open: bool) -> None:
+        tracing.record_fallback(span, error, fail_open=fail_open)
+        if fail_open:
+            warn_once(REFINER_FAILED, f"the refiner could not answer, so drafts come back unrefined (marked "
+                                      f"refined=False, reason 'refiner_failed'); first cause: "
+                                      f"{type(error).__name__}: {error}. Later ones are logged at debug level.")
+
+    def _succeeded(self, span: Span, resp: RefineResponse) -> None:
+        tracing.record_response(span, resp, capture_content=self.settings.capture_content)
+
+    def _outcomes(self, call: _Call, result: RefineResponse | BaseException | None) -> list[Outcome]:
+        """One outcome per item, in order: refined, failed open, or held back for want of a prompt."""
+        base = {"backend": self.backend}
+        out = [Outcome(item.draft, False, {"refined": False, "reason": NO_PROMPT, "prompt": src, **base})
+               for item, src in zip(call.items, call.sources)]
+        if isinstance(result, BaseException):
+            error = f"{type(result).__name__}: {result}"
+            for i in call.todo:
+                out[i] = Outcome(call.items[i].draft, False, {"refined": False, "reason": REFINER_FAILED,
+                                                              "error": error, "prompt": call.sources[i], **base})
+            return out
+        if result is None:
+            return out
+        latency_ms = round((time.perf_counter() - call.started) * 1000, 3)
+        server_ms = result.timing.get("total_ms") if result.timing else None
+        for i, item in zip(call.todo, result.items):
+            out[i] = Outcome(item.text, True, {
+                "refined": True,
+                "model": result.model,
+                "block_size": call.opts.block_size,
+                "iterations": item.iterations,
+                "new_tokens": item.new_tokens,
+                "passes_per_token": round(item.passes_per_token, 4),
+                "converged": item.converged,
+                "finish_reason": item.finish_reason,
+                "prompt": call.sources[i],
+                **base,
+                "latency_ms": latency_ms,
+                "server_ms": None if server_ms is None else round(float(server_ms), 3),
+            })
+        return out
+
+
+class RefinerClient(_ClientCore):
+    """A synchronous refiner client over a :class:`Transport` (thread-safe; reuse one)."""
+
+    def __init__(self, transport: Transport, settings: DiffPOSettings | None = None) -> None:
+        self.transport = transport
+        self.settings = settings or DiffPOSettings()
+        self.backend = transport.backend
+        self.model = transport.model
+
+    def refine(self, items: Sequence[RefineItem | dict[str, Any]], **options: Any) -> RefineResponse:
+        """Refine the drafts; raises a :class:`~diffpo_sdk.errors.DiffPOError` on failure.
+
+        Options (``block_size``, ``max_new_tokens``, ``max_iterations``,
+        ``keep_draft_prefix``) default to the settings.
+        """
+        result = self._run(self._begin(items, options, None, strict=True), fail_open=False)
+        assert isinstance(result, RefineResponse)
+        return result
+
+    def refine_or_keep(self, items: Sequence[RefineItem | dict[str, Any]], *, fail_open: bool | None = None,
+                       prompt_sources: Sequence[str] | None = None, **options: Any) -> list[Outcome]:
+        """Like :meth:`refine`, but each draft comes back (marked) when it cannot be refined."""
+        fail_open = self.settings.fail_open if fail_open is None else fail_open
+        call = self._begin(items, options, prompt_sources, strict=not fail_open)
+        return self._outcomes(call, self._run(call, fail_open) if call.todo else None)
+
+    def _run(self, call: _Call, fail_open: bool) -> RefineResponse | BaseException:
+        with self._span(call) as span:
+            try:
+                resp = _merge([self.transport.send(batch, call.opts, call.deadline, span)
+                               for batch in call.batches(self.transport.max_items)])
+            except Exception as e:
+                self._failed(span, e, fail_open)
+                if not fail_open:
+                    raise
+                return e
+            self._succeeded(span, resp)
+            return resp
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def __enter__(self) -> RefinerClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-class AsyncInProcessClient(_Traced):
-    """The asyncio twin of :class:`InProcessClient`: the engine runs in a worker thread."""
+class AsyncRefinerClient(_ClientCore):
+    """The asyncio form of :class:`RefinerClient` (use one per event loop)."""
 
-    backend = "in_process"
-
-    def __init__(self, model: str | None = None, *, settings: DiffPOSettings | None = None, engine: Any = None,
-                 device: str | None = None, dtype: str | None = None, adapter: str | None = None) -> None:
-        self._sync = InProcessClient(model, settings=settings, engine=engine, device=device, dtype=dtype,
-                                     adapter=adapter)
-        self.settings = self._sync.settings
-        self.model = self._sync.model
+    def __init__(self, transport: AsyncTransport, settings: DiffPOSettings | None = None) -> None:
+        self.transport = transport
+        self.settings = settings or DiffPOSettings()
+        self.backend = transport.backend
+        self.model = transport.model
 
     async def refine(self, items: Sequence[RefineItem | dict[str, Any]], **options: Any) -> RefineResponse:
-        """See :meth:`DiffPOClient.refine`."""
-        parsed, opts, sources = self._prepare(items, options, None)
-        with self._span(parsed, opts, sources) as span:
-            try:
-                resp = await asyncio.to_thread(self._sync._run, parsed, opts)
-            except Exception as e:
-                self._failed(span, e, fail_open=False)
-                raise
-            tracing.record_response(span, resp, capture_content=self.settings.capture_content)
-            return resp
+        """See :meth:`RefinerClient.refine`."""
+        result = await self._run(self._begin(items, options, None, strict=True), fail_open=False)
+        assert isinstance(result, RefineResponse)
+        return result
 
     async def refine_or_keep(self, items: Sequence[RefineItem | dict[str, Any]], *, fail_open: bool | None = None,
                              prompt_sources: Sequence[str] | None = None, **options: Any) -> list[Outcome]:
-        """See :meth:`DiffPOClient.refine_or_keep`."""
-        started = time.perf_counter()
+        """See :meth:`RefinerClient.refine_or_keep`."""
         fail_open = self.settings.fail_open if fail_open is None else fail_open
-        parsed, opts, sources = self._prepare(items, options, prompt_sources)
-        with self._span(parsed, opts, sources) as span:
+        call = self._begin(items, options, prompt_sources, strict=not fail_open)
+        return self._outcomes(call, await self._run(call, fail_open) if call.todo else None)
+
+    async def _run(self, call: _Call, fail_open: bool) -> RefineResponse | BaseException:
+        with self._span(call) as span:
             try:
-                result: RefineResponse | BaseException = await asyncio.to_thread(self._sync._run, parsed, opts)
+                parts = await asyncio.gather(*(self.transport.send(batch, call.opts, call.deadline, span)
+                                               for batch in call.batches(self.transport.max_items)))
+                resp = _merge(parts)
             except Exception as e:
                 self._failed(span, e, fail_open)
                 if not fail_open:
                     raise
-                result = e
-            else:
-                tracing.record_response(span, result, capture_content=self.settings.capture_content)
-        return _outcomes(parsed, result, opts, sources, self.backend, started)
+                return e
+            self._succeeded(span, resp)
+            return resp
 
     async def aclose(self) -> None:
-        """Nothing to release: the engine stays loaded for the process."""
+        await self.transport.aclose()
+
+    async def __aenter__(self) -> AsyncRefinerClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
 
-# -- choosing a backend ------------------------------------------------------------------
+# -- the documented constructors -------------------------------------------------------------------
 
 
-def client_from_settings(settings: DiffPOSettings) -> DiffPOClient | InProcessClient:
+def _http_settings(endpoint: str | Sequence[str] | None, api_key: str | None, timeout: float | None,
+                   retries: int | None, settings: DiffPOSettings | None) -> DiffPOSettings:
+    return (settings or DiffPOSettings()).merged(endpoint=endpoint, api_key=api_key, timeout=timeout, retries=retries)
+
+
+class DiffPOClient(RefinerClient):
+    """Synchronous HTTP client of one or several refiner servers.
+
+    ``DiffPOClient("http://127.0.0.1:8000").refine([{"prompt": "Hi", "draft": "hello"}])``.
+    Thread-safe; reuse one instance (it holds the connection pool). Arguments left out
+    come from ``settings`` or the ``DIFFPO_*`` environment.
+    """
+
+    transport: HTTPTransport
+
+    def __init__(self, endpoint: str | Sequence[str] | None = None, *, api_key: str | None = None,
+                 timeout: float | None = None, retries: int | None = None, settings: DiffPOSettings | None = None,
+                 http_client: httpx.Client | None = None) -> None:
+        s = _http_settings(endpoint, api_key, timeout, retries, settings)
+        super().__init__(HTTPTransport(s, http_client), s)
+
+    @property
+    def endpoints(self) -> list[str]:
+        return self.transport.endpoints.urls
+
+
+class AsyncDiffPOClient(AsyncRefinerClient):
+    """The asyncio form of :class:`DiffPOClient` (use one per event loop)."""
+
+    transport: AsyncHTTPTransport
+
+    def __init__(self, endpoint: str | Sequence[str] | None = None, *, api_key: str | None = None,
+                 timeout: float | None = None, retries: int | None = None, settings: DiffPOSettings | None = None,
+                 http_client: httpx.AsyncClient | None = None) -> None:
+        s = _http_settings(endpoint, api_key, timeout, retries, settings)
+        super().__init__(AsyncHTTPTransport(s, http_client), s)
+
+
+def _engine_settings(model: str | None, settings: DiffPOSettings | None, device: str | None, dtype: str | None,
+                     adapter: str | None) -> DiffPOSettings:
+    return (settings or DiffPOSettings()).merged(model=model, device=device, dtype=dtype, adapter=adapter)
+
+
+class InProcessClient(RefinerClient):
+    """The refiner engine in this process, behind the same interface as :class:`DiffPOClient`.
+
+    The engine (torch, transformers) is imported and loaded on the first call, once per
+    process and model. Pass ``engine=`` to reuse one you already hold.
+    """
+
+    transport: EngineTransport
+
+    def __init__(self, model: str | None = None, *, settings: DiffPOSettings | None = None,
+                 engine: RefinerEngineProtocol | None = None, device: str | None = None, dtype: str | None = None,
+                 adapter: str | None = None) -> None:
+        s = _engine_settings(model, settings, device, dtype, adapter)
+        super().__init__(EngineTransport(s, engine), s)
+
+    @property
+    def engine(self) -> RefinerEngineProtocol:
+        return self.transport.engine
+
+
+class AsyncInProcessClient(AsyncRefinerClient):
+    """The asyncio form of :class:`InProcessClient`: the engine runs in a worker thread."""
+
+    transport: AsyncEngineTransport
+
+    def __init__(self, model: str | None = None, *, settings: DiffPOSettings | None = None,
+                 engine: RefinerEngineProtocol | None = None, device: str | None = None, dtype: str | None = None,
+                 adapter: str | None = None) -> None:
+        s = _engine_settings(model, settings, device, dtype, adapter)
+        super().__init__(AsyncEngineTransport(s, engine), s)
+
+    @property
+    def engine(self) -> RefinerEngineProtocol:
+        return self.transport.engine
+
+
+# -- choosing a backend, sharing clients -------------------------------------------------------------
+
+
+def client_from_settings(settings: DiffPOSettings) -> RefinerClient:
     """The HTTP client when an endpoint is set, else the in-process engine."""
     if settings.resolved_backend() == "http":
         return DiffPOClient(settings=settings)
     return InProcessClient(settings=settings)
 
 
-def async_client_from_settings(settings: DiffPOSettings) -> AsyncDiffPOClient | AsyncInProcessClient:
-    """Async twin of :func:`client_from_settings`."""
+def async_client_from_settings(settings: DiffPOSettings) -> AsyncRefinerClient:
+    """The asyncio form of :func:`client_from_settings`."""
     if settings.resolved_backend() == "http":
         return AsyncDiffPOClient(settings=settings)
     return AsyncInProcessClient(settings=settings)
 
 
-_shared: dict[tuple, DiffPOClient | InProcessClient] = {}
-_shared_async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, Any]] = weakref.WeakKeyDictionary()
+_shared: dict[tuple, RefinerClient] = {}
+_shared_async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, AsyncRefinerClient]] = (
+    weakref.WeakKeyDictionary()
+)
 _shared_lock = threading.Lock()
 
 
-def _settings_key(settings: DiffPOSettings) -> tuple:
+def settings_key(settings: DiffPOSettings) -> tuple:
+    """A hashable identity of the settings: equal settings share one client."""
     return tuple(
         (k, v.get_secret_value() if hasattr(v, "get_secret_value") else tuple(v) if isinstance(v, list) else v)
         for k, v in settings
     )
 
 
-def shared_client(settings: DiffPOSettings, key: tuple | None = None) -> DiffPOClient | InProcessClient:
+def shared_client(settings: DiffPOSettings, key: tuple | None = None) -> RefinerClient:
     """One client per distinct settings in this process, so every refiner shares its pool.
 
-    ``key`` is ``_settings_key(settings)`` when the caller already holds it (a hot path).
+    ``key`` is ``settings_key(settings)`` when the caller already holds it (a hot path).
     """
-    key = key or _settings_key(settings)
+    key = key or settings_key(settings)
     client = _shared.get(key)
     if client is not None:
         return client
@@ -713,12 +815,18 @@ def shared_client(settings: DiffPOSettings, key: tuple | None = None) -> DiffPOC
         return _shared[key]
 
 
-def shared_async_client(settings: DiffPOSettings, key: tuple | None = None) -> AsyncDiffPOClient | AsyncInProcessClient:
-    """Async twin of :func:`shared_client`; httpx's async pool belongs to one event loop, so one per loop."""
+def shared_async_client(settings: DiffPOSettings, key: tuple | None = None) -> AsyncRefinerClient:
+    """:func:`shared_client` for asyncio: httpx's async pool belongs to one event loop, so one per loop."""
     loop = asyncio.get_running_loop()
-    key = key or _settings_key(settings)
+    key = key or settings_key(settings)
     with _shared_lock:
         per_loop = _shared_async.setdefault(loop, {})
         if key not in per_loop:
             per_loop[key] = async_client_from_settings(settings)
         return per_loop[key]
+
+
+def use_shared_client(settings: DiffPOSettings, client: RefinerClient) -> None:
+    """Make ``client`` the one every refiner with these settings uses (benchmarks, tests)."""
+    with _shared_lock:
+        _shared[settings_key(settings)] = client

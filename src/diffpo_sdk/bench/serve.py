@@ -15,7 +15,6 @@ import gzip
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from ..testing import free_port
 
 #: Used when the shared AlpacaEval drafts are not around (a checkout without ../shared).
 FALLBACK_ITEMS = [
@@ -119,12 +120,6 @@ async def server_metric(client: httpx.AsyncClient, name: str) -> float | None:
         if line.startswith(name + " "):
             return float(line.split()[-1])
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.Popen, str]:
