@@ -99,14 +99,14 @@ def test_refine_over_http_matches_in_process(tiny_server, tiny_engine):
     assert all(i.iterations >= 1 and i.new_tokens >= 1 for i in resp.items)
 
 
-async def test_async_client_and_concurrency(tiny_server):
+async def test_async_client_and_concurrency(tiny_server, tiny_engine):
+    items = [{"prompt": f"question {i}", "draft": f"answer number {i}"} for i in range(6)]
     async with AsyncDiffPOClient(tiny_server.url) as client:
-        drafts = [f"answer number {i}" for i in range(6)]
-        resps = await asyncio.gather(*(
-            client.refine([{"prompt": f"question {i}", "draft": d}], block_size=8, max_new_tokens=8)
-            for i, d in enumerate(drafts)
-        ))
-    assert all(len(r.items) == 1 for r in resps)
+        resps = await asyncio.gather(*(client.refine([item], block_size=8, max_new_tokens=8) for item in items))
+    # each concurrent answer is its own item's greedy answer, not a neighbour's
+    want = tiny_engine.refine(items, block_size=8, max_new_tokens=8)
+    assert [r.items[0].text for r in resps] == [w.text for w in want]
+    assert len({w.text for w in want}) > 1  # the items are told apart
 
 
 def test_in_process_backend_from_settings(tiny_llama_dir):
@@ -168,6 +168,32 @@ def test_more_items_than_one_request_holds(echo_servers):
     with DiffPOClient(servers[0].url) as client:
         resp = client.refine(items)
     assert [i.text for i in resp.items] == [f"D{i}" for i in range(70)]
+
+
+def test_more_items_than_one_request_share_one_deadline():
+    engine = EchoEngine(lambda it: it.draft.upper(), delay_s=0.3)
+    server = serve_engine(engine, max_wait_ms=0.0)
+    items = [{"prompt": "p", "draft": f"d{i}"} for i in range(130)]  # three requests, one after another
+    try:
+        with DiffPOClient(server.url, timeout=0.5) as client:  # one request fits, three do not
+            with pytest.raises(RefinerUnavailableError):
+                client.refine(items)
+        with DiffPOClient(server.url, timeout=60) as client:
+            assert [i.text for i in client.refine(items).items] == [f"D{i}" for i in range(130)]
+    finally:
+        server.stop()
+
+
+def test_deadline_rule(monkeypatch):
+    monkeypatch.delenv("DIFFPO_TIMEOUT", raising=False)
+    s = DiffPOSettings()
+    assert s.timeout is None
+    # unset, the deadline grows with the answer budget: 256 tokens take ~20 s on a 2-core CPU unloaded
+    assert s.call_timeout(256) >= 5 * 20 and s.call_timeout(1024) > s.call_timeout(256)
+    assert s.call_timeout() == s.call_timeout(s.max_new_tokens)
+    assert DiffPOSettings(timeout=7).call_timeout(4096) == 7  # set, it is the deadline
+    monkeypatch.setenv("DIFFPO_TIMEOUT", "")
+    assert DiffPOSettings().timeout is None
 
 
 def test_traceparent_reaches_the_server(echo_servers):
