@@ -124,6 +124,15 @@ def test_tool_calls_pass_through_untouched(echo):
     assert r.batch([msg, {"prompt": "q", "draft": "plain"}]) == [msg, "R[|q]<plain>"]
 
 
+def test_empty_answers_pass_through_untouched(echo):
+    r = DiffPORefiner(endpoint=echo)
+    before = refine_requests(echo)
+    empty = AIMessage(content="")
+    assert r.invoke({"prompt": "q", "draft": empty}) is empty
+    assert r.invoke({"prompt": "q", "draft": "  "}) == "  "
+    assert refine_requests(echo) == before
+
+
 def test_agent_history_becomes_text_turns(echo):
     r = DiffPORefiner(endpoint=echo)
     history = [

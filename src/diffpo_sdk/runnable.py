@@ -32,6 +32,7 @@ from langchain_core.tracers.context import register_configure_hook
 from pydantic import ConfigDict, PrivateAttr, SecretStr, model_validator
 
 from ._convert import conversation, has_tool_calls, text_of, to_messages
+from .answers import pass_through_reason, refined_finish_reason
 from .client import Outcome, settings_key, shared_async_client, shared_client
 from .errors import InvalidRequestError
 from .protocol import BlockSize, RefineItem, RefineOptions
@@ -183,7 +184,8 @@ class DiffPORefiner(RunnableSerializable[Any, Any]):
     ``response_metadata["diffpo"]``; ``{"messages" | "prompt": ..., "draft": str |
     AIMessage}`` → the draft's type; graph state ``{"messages": [..., AIMessage]}`` →
     ``{"messages": [refined AIMessage]}`` (same id, so ``add_messages`` replaces it).
-    AIMessages with tool calls pass through untouched. When the refiner cannot answer,
+    AIMessages with tool calls, and empty answers, pass through untouched (the rule is
+    :mod:`diffpo_sdk.answers`). When the refiner cannot answer,
     the draft comes back marked ``{"refined": False, "reason": "refiner_failed", "error": ...}``;
     a draft with no prompt (none given, none captured) comes back marked ``"reason":
     "no_prompt"``, never refined against an empty conversation. ``fail_open=False`` raises
@@ -351,13 +353,14 @@ class DiffPORefiner(RunnableSerializable[Any, Any]):
 
     def _draft_job(self, draft: Any, prompt: Any, parent_run_id: UUID | None, explicit: bool | None) -> _Job:
         if isinstance(draft, BaseMessage):
-            if has_tool_calls(draft):
-                return _Job(None, "none", _unused, passthrough=draft)
             text, build = text_of(draft), _message_builder(draft)
+            tool_calls = has_tool_calls(draft)
         elif isinstance(draft, str):
-            text, build = draft, _text_builder
+            text, build, tool_calls = draft, _text_builder, False
         else:
             raise InvalidRequestError(f"the draft must be a str or an AIMessage, not {type(draft).__name__}")
+        if pass_through_reason(text, tool_calls=tool_calls) is not None:
+            return _Job(None, "none", _unused, passthrough=draft)
 
         turns = conversation(prompt) if explicit else None
         source = "explicit" if turns else "none"
@@ -383,6 +386,7 @@ def _message_builder(draft: BaseMessage) -> Callable[[Outcome], BaseMessage]:
         meta = {**draft.response_metadata, "diffpo": outcome.info}
         if not outcome.refined:  # the draft exactly as it came, blocks and all
             return draft.model_copy(update={"response_metadata": meta})
+        meta["finish_reason"] = refined_finish_reason(outcome.info["finish_reason"])
         return draft.model_copy(update={"content": outcome.text, "response_metadata": meta})
 
     return build

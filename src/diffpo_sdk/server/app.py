@@ -35,6 +35,8 @@ from .batcher import (
 )
 from .config import ServerConfig
 from .metrics import Metrics
+from .proxy import add_chat_routes
+from .responses import error_response
 from .state import ClientDisconnectedError, NotReadyError, ServerState, until_disconnect
 
 log = logging.getLogger("diffpo_sdk.server")
@@ -55,11 +57,6 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         503: "model loading, deadline exceeded, or out of GPU memory: retry after Retry-After",
     }.items()
 }
-
-
-def error_response(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    body = ErrorBody(error={"type": kind, "message": message, "code": status})
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
 def create_app(
@@ -141,8 +138,6 @@ def create_app(
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-    from .proxy import add_chat_routes
 
     add_chat_routes(app, state)
 
