@@ -69,6 +69,38 @@ def test_settings_from_environment(monkeypatch):
     assert isinstance(client_from_settings(DiffPOSettings(endpoint=[])), InProcessClient)
 
 
+def test_block_sizes_parse_in_one_place(monkeypatch):
+    from diffpo_sdk.protocol import parse_block_size
+
+    assert [parse_block_size(v) for v in ("auto", "AUTO", " 32", "1", 16)] == ["auto", "auto", 32, 1, 16]
+    for bad in ("fast", "0", "-3", "1.5"):
+        with pytest.raises(ValueError, match="'auto' or an integer"):
+            parse_block_size(bad)
+    monkeypatch.setenv("DIFFPO_BLOCK_SIZE", "auto")
+    assert DiffPOSettings().block_size == "auto"
+    monkeypatch.setenv("DIFFPO_BLOCK_SIZE", "0")
+    with pytest.raises(ValueError, match="block size"):
+        DiffPOSettings()
+
+
+def test_shared_data_is_found_in_one_place(monkeypatch, tmp_path):
+    from diffpo_sdk.shared_data import ALPACA_PREFERENCES, shared_data_dir, shared_file
+
+    monkeypatch.setenv("DIFFPO_SHARED_DATA", str(tmp_path))
+    assert shared_data_dir() == tmp_path and shared_file() is None  # the folder, but not the file
+    (tmp_path / ALPACA_PREFERENCES).parent.mkdir(parents=True)
+    (tmp_path / ALPACA_PREFERENCES).write_bytes(b"")
+    assert shared_file() == tmp_path / ALPACA_PREFERENCES
+
+
+def test_generation_cuts_at_the_first_stop():
+    from diffpo_sdk.generation import cut_at_stop
+
+    assert cut_at_stop([5, 6, 2, 7, 2], {2}, keep_stop=True) == ([5, 6, 2], True)
+    assert cut_at_stop([5, 6, 2, 7], {2, 9}, keep_stop=False) == ([5, 6], True)
+    assert cut_at_stop([5, 6], {2}, keep_stop=False) == ([5, 6], False)
+
+
 def test_no_endpoint_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("DIFFPO_ENDPOINT", raising=False)
     with pytest.raises(InvalidRequestError, match="DIFFPO_ENDPOINT"):

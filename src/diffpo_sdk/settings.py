@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from .protocol import MAX_NEW_TOKENS_LIMIT, BlockSize
+from .protocol import MAX_NEW_TOKENS_LIMIT, BlockSize, parse_block_size
 
 Backend = Literal["auto", "http", "in_process"]
 
@@ -68,7 +68,7 @@ class DiffPOSettings(BaseSettings):
     @field_validator("block_size", mode="before")
     @classmethod
     def _block_from_env(cls, v: Any) -> Any:
-        return int(v) if isinstance(v, str) and v.strip().isdigit() else v
+        return parse_block_size(v) if isinstance(v, str) else v
 
     @field_validator("max_iterations", "adapter", "timeout", mode="before")
     @classmethod
