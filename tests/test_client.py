@@ -116,6 +116,63 @@ def test_import_stays_light():
     assert out.stdout.strip() == "[]"
 
 
+def _package_imports() -> dict[str, set[str]]:
+    """Module -> the package modules it imports anywhere in its body (lazy imports included)."""
+    import ast
+    from pathlib import Path
+
+    import diffpo_sdk
+
+    root = Path(diffpo_sdk.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for path in root.rglob("*.py"):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                base = package
+                for _ in range(max(node.level - 1, 0)):
+                    base = base.rpartition(".")[0]
+                target = f"{base}.{node.module}" if node.level and node.module else (node.module or base)
+                deps.add(target)
+                deps.update(f"{target}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names)
+        graph[name] = {d for d in deps if d.startswith("diffpo_sdk")}
+    return {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+
+
+def test_no_import_cycles_in_the_client_and_server_layers():
+    graph = _package_imports()
+    mine = [m for m in graph if not m.startswith(("diffpo_sdk.engine", "diffpo_sdk.train"))
+            and m != "diffpo_sdk"]  # the root re-exports lazily, by name
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [d for d in graph[start] if d != "diffpo_sdk"]
+        while todo:
+            m = todo.pop()
+            if m == goal:
+                return True
+            if m not in seen:
+                seen.add(m)
+                todo.extend(d for d in graph.get(m, ()) if d != "diffpo_sdk")
+        return False
+
+    assert "diffpo_sdk.server.proxy" in graph["diffpo_sdk.server.app"]  # the graph sees relative imports
+    cycles = [m for m in mine if reaches(m, m)]
+    assert cycles == [], cycles
+
+
+def test_echo_engine_meets_the_engine_contract():
+    from diffpo_sdk.engine_protocol import RefinerEngineProtocol
+
+    assert isinstance(EchoEngine(), RefinerEngineProtocol)
+    events = list(EchoEngine(lambda it: it.draft.upper()).refine_stream([{"prompt": "p", "draft": "ab"}]))
+    assert [(e.index, e.text) for e in events] == [(0, "AB")]
+
+
 # -- against the real server ------------------------------------------------------------------
 
 

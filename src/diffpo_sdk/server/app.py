@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
+from ..engine_protocol import RefinerEngineProtocol
 from ..errors import ContextLengthError, InvalidRequestError
 from ..protocol import ErrorBody, RefineRequest, RefineResponse
 from .batcher import (
@@ -60,7 +61,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 def create_app(
-    engine_or_loader: Any,
+    engine_or_loader: RefinerEngineProtocol | Callable[[], RefinerEngineProtocol],
     config: ServerConfig | None = None,
     *,
     tracer_provider: trace.TracerProvider | None = None,
@@ -148,7 +149,7 @@ def create_app(
     return app
 
 
-async def _load(state: ServerState, loader: Callable[[], Any]) -> None:
+async def _load(state: ServerState, loader: Callable[[], RefinerEngineProtocol]) -> None:
     try:
         engine = await asyncio.to_thread(loader)
     except Exception as e:  # keep serving /health with the reason
@@ -158,7 +159,7 @@ async def _load(state: ServerState, loader: Callable[[], Any]) -> None:
     _ready(state, engine)
 
 
-def _ready(state: ServerState, engine: Any) -> None:
+def _ready(state: ServerState, engine: RefinerEngineProtocol) -> None:
     state.engine = engine
     batcher = Batcher(engine, state.config, state.metrics, state.tracer)
     batcher.start()
