@@ -36,7 +36,8 @@ from .client import Outcome, shared_async_client, shared_client
 from .protocol import RefineItem
 from .settings import DiffPOSettings
 
-__all__ = ["acompletion", "completion", "arefine_response", "refine_response"]
+__all__ = ["acompletion", "aiter_in_span", "arefine_response", "arefine_stream", "completion", "refine_response",
+           "refine_stream"]
 
 def _settings(settings: DiffPOSettings | None, refiner_endpoint: Any, fail_open: bool | None,
               options: dict[str, Any]) -> DiffPOSettings:
@@ -291,13 +292,15 @@ async def acompletion(
         raise
     if c.done():
         return response
-    return _atraced_stream(arefine_stream(response, messages, settings=c.settings, request=c.request), c.root)
+    return aiter_in_span(arefine_stream(response, messages, settings=c.settings, request=c.request), c.root,
+                         end=True)
 
 
-async def _atraced_stream(chunks: AsyncIterator[Any], root: Any) -> AsyncIterator[Any]:
+async def aiter_in_span(chunks: AsyncIterator[Any], span: Any, *, end: bool = False) -> AsyncIterator[Any]:
+    """``chunks``, each one produced with ``span`` current (never across a yield); ``end`` ends the span after."""
     try:
         while True:
-            with trace.use_span(root, end_on_exit=False):
+            with trace.use_span(span, end_on_exit=False):
                 try:
                     chunk = await chunks.__anext__()
                 except StopAsyncIteration:
@@ -306,4 +309,5 @@ async def _atraced_stream(chunks: AsyncIterator[Any], root: Any) -> AsyncIterato
     finally:
         with contextlib.suppress(Exception):
             await chunks.aclose()  # type: ignore[attr-defined]
-        root.end()
+        if end:
+            span.end()
