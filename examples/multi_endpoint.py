@@ -19,7 +19,7 @@ import re
 import httpx
 
 from diffpo_sdk import DiffPORefiner
-from diffpo_sdk.bench.client import serve_engine
+from diffpo_sdk.testing import serve_engine
 from diffpo_sdk.engine import RefinerEngine
 
 

@@ -21,16 +21,19 @@ import os
 import time
 from pathlib import Path
 
+from diffpo_sdk.protocol import parse_block_size
+from diffpo_sdk.shared_data import shared_file
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 HERE = Path(__file__).resolve().parent
-SHARED = HERE.parent.parent / "shared" / "data" / "alpaca_eval" / "multi_model_preferences.jsonl.gz"
 
 
 def load_items(n: int) -> list[dict]:
     """Real drafts: another model's answer per prompt (shared data), else the bundled file."""
-    if SHARED.is_file():
+    shared = shared_file()  # ../shared/data beside the checkout, or $DIFFPO_SHARED_DATA
+    if shared is not None:
         items = []
-        with gzip.open(SHARED, "rt", encoding="utf-8") as f:
+        with gzip.open(shared, "rt", encoding="utf-8") as f:
             for line in f:
                 row = json.loads(line)
                 items.append({"prompt": row["instruction"], "draft": row["responses"][0]["output"]})
@@ -63,7 +66,7 @@ def main() -> None:
     exact = [r.token_ids for r in engine.refine(items, block_size=1, max_new_tokens=n)]  # = greedy decoding
 
     rows = []
-    blocks = [b if b == "auto" else int(b) for b in args.block_sizes.split(",")]
+    blocks = [parse_block_size(b) for b in args.block_sizes.split(",")]
     caps = [None if c == "none" else int(c) for c in args.caps.split(",")]
     print(f"{'block':>5} {'cap':>4} {'passes/token':>12} {'seconds':>8} {'agreement':>9}")
     for block in blocks:

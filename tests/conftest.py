@@ -86,3 +86,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(pytest.mark.client)
         if module == "test_agents.py" or key in AGENTS_TESTS:
             item.add_marker(pytest.mark.agents)
+
+
+@pytest.fixture(scope="session")
+def recording_tracer():
+    """The process's SDK tracer provider (installed if none is) with an in-memory exporter on it.
+
+    For tests whose check means something only when spans record (without a recording
+    provider, the SDK creates no spans and such a check would pass vacuously).
+    """
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    if not isinstance(trace.get_tracer_provider(), TracerProvider):
+        trace.set_tracer_provider(TracerProvider())
+    provider = trace.get_tracer_provider()
+    assert isinstance(provider, TracerProvider), "another test set a non-SDK global tracer provider"
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider, exporter

@@ -12,7 +12,7 @@ from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.tools import tool
 
 from diffpo_sdk.agents import DiffPOMiddleware
-from diffpo_sdk.bench.client import EchoEngine, free_port, serve_engine
+from diffpo_sdk.testing import EchoEngine, free_port, serve_engine
 from diffpo_sdk.protocol import RefineItem
 
 

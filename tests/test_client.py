@@ -10,7 +10,7 @@ import sys
 import httpx
 import pytest
 
-from diffpo_sdk.bench.client import EchoEngine, free_port, serve_engine
+from diffpo_sdk.testing import EchoEngine, free_port, serve_engine
 from diffpo_sdk.client import (
     AsyncDiffPOClient,
     AsyncInProcessClient,
@@ -69,6 +69,38 @@ def test_settings_from_environment(monkeypatch):
     assert isinstance(client_from_settings(DiffPOSettings(endpoint=[])), InProcessClient)
 
 
+def test_block_sizes_parse_in_one_place(monkeypatch):
+    from diffpo_sdk.protocol import parse_block_size
+
+    assert [parse_block_size(v) for v in ("auto", "AUTO", " 32", "1", 16)] == ["auto", "auto", 32, 1, 16]
+    for bad in ("fast", "0", "-3", "1.5"):
+        with pytest.raises(ValueError, match="'auto' or an integer"):
+            parse_block_size(bad)
+    monkeypatch.setenv("DIFFPO_BLOCK_SIZE", "auto")
+    assert DiffPOSettings().block_size == "auto"
+    monkeypatch.setenv("DIFFPO_BLOCK_SIZE", "0")
+    with pytest.raises(ValueError, match="block size"):
+        DiffPOSettings()
+
+
+def test_shared_data_is_found_in_one_place(monkeypatch, tmp_path):
+    from diffpo_sdk.shared_data import ALPACA_PREFERENCES, shared_data_dir, shared_file
+
+    monkeypatch.setenv("DIFFPO_SHARED_DATA", str(tmp_path))
+    assert shared_data_dir() == tmp_path and shared_file() is None  # the folder, but not the file
+    (tmp_path / ALPACA_PREFERENCES).parent.mkdir(parents=True)
+    (tmp_path / ALPACA_PREFERENCES).write_bytes(b"")
+    assert shared_file() == tmp_path / ALPACA_PREFERENCES
+
+
+def test_generation_cuts_at_the_first_stop():
+    from diffpo_sdk.generation import cut_at_stop
+
+    assert cut_at_stop([5, 6, 2, 7, 2], {2}, keep_stop=True) == ([5, 6, 2], True)
+    assert cut_at_stop([5, 6, 2, 7], {2, 9}, keep_stop=False) == ([5, 6], True)
+    assert cut_at_stop([5, 6], {2}, keep_stop=False) == ([5, 6], False)
+
+
 def test_no_endpoint_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("DIFFPO_ENDPOINT", raising=False)
     with pytest.raises(InvalidRequestError, match="DIFFPO_ENDPOINT"):
@@ -82,6 +114,63 @@ def test_import_stays_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def _package_imports() -> dict[str, set[str]]:
+    """Module -> the package modules it imports anywhere in its body (lazy imports included)."""
+    import ast
+    from pathlib import Path
+
+    import diffpo_sdk
+
+    root = Path(diffpo_sdk.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for path in root.rglob("*.py"):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                base = package
+                for _ in range(max(node.level - 1, 0)):
+                    base = base.rpartition(".")[0]
+                target = f"{base}.{node.module}" if node.level and node.module else (node.module or base)
+                deps.add(target)
+                deps.update(f"{target}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names)
+        graph[name] = {d for d in deps if d.startswith("diffpo_sdk")}
+    return {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+
+
+def test_no_import_cycles_in_the_client_and_server_layers():
+    graph = _package_imports()
+    mine = [m for m in graph if not m.startswith(("diffpo_sdk.engine", "diffpo_sdk.train"))
+            and m != "diffpo_sdk"]  # the root re-exports lazily, by name
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [d for d in graph[start] if d != "diffpo_sdk"]
+        while todo:
+            m = todo.pop()
+            if m == goal:
+                return True
+            if m not in seen:
+                seen.add(m)
+                todo.extend(d for d in graph.get(m, ()) if d != "diffpo_sdk")
+        return False
+
+    assert "diffpo_sdk.server.proxy" in graph["diffpo_sdk.server.app"]  # the graph sees relative imports
+    cycles = [m for m in mine if reaches(m, m)]
+    assert cycles == [], cycles
+
+
+def test_echo_engine_meets_the_engine_contract():
+    from diffpo_sdk.engine_protocol import RefinerEngineProtocol
+
+    assert isinstance(EchoEngine(), RefinerEngineProtocol)
+    events = list(EchoEngine(lambda it: it.draft.upper()).refine_stream([{"prompt": "p", "draft": "ab"}]))
+    assert [(e.index, e.text) for e in events] == [(0, "AB")]
 
 
 # -- against the real server ------------------------------------------------------------------
@@ -99,14 +188,14 @@ def test_refine_over_http_matches_in_process(tiny_server, tiny_engine):
     assert all(i.iterations >= 1 and i.new_tokens >= 1 for i in resp.items)
 
 
-async def test_async_client_and_concurrency(tiny_server):
+async def test_async_client_and_concurrency(tiny_server, tiny_engine):
+    items = [{"prompt": f"question {i}", "draft": f"answer number {i}"} for i in range(6)]
     async with AsyncDiffPOClient(tiny_server.url) as client:
-        drafts = [f"answer number {i}" for i in range(6)]
-        resps = await asyncio.gather(*(
-            client.refine([{"prompt": f"question {i}", "draft": d}], block_size=8, max_new_tokens=8)
-            for i, d in enumerate(drafts)
-        ))
-    assert all(len(r.items) == 1 for r in resps)
+        resps = await asyncio.gather(*(client.refine([item], block_size=8, max_new_tokens=8) for item in items))
+    # each concurrent answer is its own item's greedy answer, not a neighbour's
+    want = tiny_engine.refine(items, block_size=8, max_new_tokens=8)
+    assert [r.items[0].text for r in resps] == [w.text for w in want]
+    assert len({w.text for w in want}) > 1  # the items are told apart
 
 
 def test_in_process_backend_from_settings(tiny_llama_dir):
@@ -168,6 +257,32 @@ def test_more_items_than_one_request_holds(echo_servers):
     with DiffPOClient(servers[0].url) as client:
         resp = client.refine(items)
     assert [i.text for i in resp.items] == [f"D{i}" for i in range(70)]
+
+
+def test_more_items_than_one_request_share_one_deadline():
+    engine = EchoEngine(lambda it: it.draft.upper(), delay_s=0.3)
+    server = serve_engine(engine, max_wait_ms=0.0)
+    items = [{"prompt": "p", "draft": f"d{i}"} for i in range(130)]  # three requests, one after another
+    try:
+        with DiffPOClient(server.url, timeout=0.5) as client:  # one request fits, three do not
+            with pytest.raises(RefinerUnavailableError):
+                client.refine(items)
+        with DiffPOClient(server.url, timeout=60) as client:
+            assert [i.text for i in client.refine(items).items] == [f"D{i}" for i in range(130)]
+    finally:
+        server.stop()
+
+
+def test_deadline_rule(monkeypatch):
+    monkeypatch.delenv("DIFFPO_TIMEOUT", raising=False)
+    s = DiffPOSettings()
+    assert s.timeout is None
+    # unset, the deadline grows with the answer budget: 256 tokens take ~20 s on a 2-core CPU unloaded
+    assert s.call_timeout(256) >= 5 * 20 and s.call_timeout(1024) > s.call_timeout(256)
+    assert s.call_timeout() == s.call_timeout(s.max_new_tokens)
+    assert DiffPOSettings(timeout=7).call_timeout(4096) == 7  # set, it is the deadline
+    monkeypatch.setenv("DIFFPO_TIMEOUT", "")
+    assert DiffPOSettings().timeout is None
 
 
 def test_traceparent_reaches_the_server(echo_servers):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,10 +22,11 @@ from langchain_core.runnables import ConfigurableField, RunnableLambda
 from langchain_core.tools import tool
 
 from diffpo_sdk import DiffPORefiner
-from diffpo_sdk.bench.client import EchoEngine, free_port, serve_engine
+from diffpo_sdk.client import DiffPOClient, InProcessClient
 from diffpo_sdk.errors import InvalidRequestError, RefinerUnavailableError
 from diffpo_sdk.protocol import RefineItem
 from diffpo_sdk.runnable import prompt_capture
+from diffpo_sdk.testing import EchoEngine, free_port, serve_engine
 
 
 class EchoChat(BaseChatModel):
@@ -83,14 +86,15 @@ def refine_requests(url: str) -> float:
 
 def test_types_mirror_input(echo):
     r = DiffPORefiner(endpoint=echo)
-    out = r.invoke(AIMessage(content="hi", id="m1", response_metadata={"model_name": "base"}))
-    assert isinstance(out, AIMessage) and out.content == "R[|]<hi>" and out.id == "m1"
+    draft = AIMessage(content="hi", id="m1", response_metadata={"model_name": "base"})
+    out = r.invoke({"prompt": "q", "draft": draft})
+    assert isinstance(out, AIMessage) and out.content == "R[|q]<hi>" and out.id == "m1"
     assert out.response_metadata["model_name"] == "base"
     meta = out.response_metadata["diffpo"]
-    assert meta["refined"] is True and meta["prompt"] == "none" and meta["model"] == "echo"
-    assert r.invoke("hi") == "R[|]<hi>"
-    chunk = r.invoke(AIMessageChunk(content="hi"))
-    assert isinstance(chunk, AIMessageChunk) and chunk.content == "R[|]<hi>"
+    assert meta["refined"] is True and meta["prompt"] == "explicit" and meta["model"] == "echo"
+    assert r.invoke({"prompt": "q", "draft": "hi"}) == "R[|q]<hi>"
+    chunk = r.invoke({"prompt": "q", "draft": AIMessageChunk(content="hi")})
+    assert isinstance(chunk, AIMessageChunk) and chunk.content == "R[|q]<hi>"
 
 
 def test_explicit_inputs(echo):
@@ -117,7 +121,16 @@ def test_tool_calls_pass_through_untouched(echo):
     msg = AIMessage(content="", tool_calls=[{"name": "search", "args": {"q": "x"}, "id": "t1"}])
     assert r.invoke(msg) is msg
     assert r.invoke({"messages": [HumanMessage("q"), msg]}) == {"messages": []}
-    assert r.batch([msg, "plain"]) == [msg, "R[|]<plain>"]
+    assert r.batch([msg, {"prompt": "q", "draft": "plain"}]) == [msg, "R[|q]<plain>"]
+
+
+def test_empty_answers_pass_through_untouched(echo):
+    r = DiffPORefiner(endpoint=echo)
+    before = refine_requests(echo)
+    empty = AIMessage(content="")
+    assert r.invoke({"prompt": "q", "draft": empty}) is empty
+    assert r.invoke({"prompt": "q", "draft": "  "}) == "  "
+    assert refine_requests(echo) == before
 
 
 def test_agent_history_becomes_text_turns(echo):
@@ -140,7 +153,8 @@ def test_configurable_fields(echo):
     r = DiffPORefiner(endpoint=echo).configurable_fields(
         block_size=ConfigurableField(id="block_size"), timeout=ConfigurableField(id="refiner_timeout"),
     )
-    out = r.invoke(AIMessage(content="x"), config={"configurable": {"block_size": 8, "refiner_timeout": 3.0}})
+    out = r.invoke({"prompt": "q", "draft": AIMessage(content="x")},
+                   config={"configurable": {"block_size": 8, "refiner_timeout": 3.0}})
     assert out.response_metadata["diffpo"]["block_size"] == 8
 
 
@@ -240,8 +254,8 @@ def test_wrap(echo):
 def test_batch_is_one_network_call(echo):
     r = DiffPORefiner(endpoint=echo)
     before = refine_requests(echo)
-    outs = r.batch([AIMessage(content=f"d{i}") for i in range(12)])
-    assert [o.content for o in outs] == [f"R[|]<d{i}>" for i in range(12)]
+    outs = r.batch([{"prompt": "q", "draft": AIMessage(content=f"d{i}")} for i in range(12)])
+    assert [o.content for o in outs] == [f"R[|q]<d{i}>" for i in range(12)]
     assert refine_requests(echo) - before == 1
     before = refine_requests(echo)
     (PROMPT | EchoChat() | r).batch([{"q": str(i)} for i in range(8)])
@@ -251,21 +265,94 @@ def test_batch_is_one_network_call(echo):
 async def test_abatch_is_one_network_call(echo):
     r = DiffPORefiner(endpoint=echo)
     before = refine_requests(echo)
-    outs = await r.abatch([f"d{i}" for i in range(12)])
-    assert outs == [f"R[|]<d{i}>" for i in range(12)]
+    outs = await r.abatch([{"prompt": "q", "draft": f"d{i}"} for i in range(12)])
+    assert outs == [f"R[|q]<d{i}>" for i in range(12)]
     assert refine_requests(echo) - before == 1
+
+
+# -- never refined against an empty prompt ---------------------------------------------------------
+
+USER_TEXT = "The capital of Australia is Sydney, a city on the east coast."
+
+
+def _kept(out: object, draft: str) -> None:
+    """The draft came back as it was, marked: no prompt, so it was not sent to the refiner."""
+    if isinstance(out, str):
+        assert out == draft
+        return
+    assert isinstance(out, AIMessage) and out.content == draft
+    meta = out.response_metadata["diffpo"]
+    assert meta["refined"] is False and meta["reason"] == "no_prompt" and meta["prompt"] == "none"
+
+
+def test_no_prompt_keeps_the_draft_on_every_path(echo):
+    r = DiffPORefiner(endpoint=echo)
+    before = refine_requests(echo)
+    _kept(r.invoke(USER_TEXT), USER_TEXT)  # a str
+    _kept(r.invoke(AIMessage(content=USER_TEXT)), USER_TEXT)
+    # a parser between a model called on its own and the refiner: nothing to capture
+    drafted = EchoChat().invoke("q")
+    _kept((StrOutputParser() | r).invoke(drafted), "draft(q)")
+    # RunnableLambdas that make the draft without a model
+    _kept((RunnableLambda(lambda q: f"lambda({q})") | RunnableLambda(str.upper) | r).invoke("x"), "LAMBDA(X)")
+    _kept(list(r.stream(AIMessage(content=USER_TEXT)))[-1], USER_TEXT)  # streaming
+    assert "".join(r.stream(USER_TEXT)) == USER_TEXT
+    assert refine_requests(echo) == before  # none of them reached the refiner
+    # a batch: the drafts with a prompt are refined, in one call; the others kept
+    outs = r.batch([USER_TEXT, {"prompt": "q", "draft": "d"}, AIMessage(content="m")])
+    assert outs[0] == USER_TEXT and outs[1] == "R[|q]<d>"
+    _kept(outs[2], "m")
+    assert refine_requests(echo) - before == 1
+
+
+async def test_no_prompt_keeps_the_draft_async(echo):
+    r = DiffPORefiner(endpoint=echo)
+    before = refine_requests(echo)
+    assert await r.ainvoke(USER_TEXT) == USER_TEXT
+    _kept(await (RunnableLambda(lambda q: AIMessage(content=q)) | r).ainvoke("y"), "y")
+    _kept((await r.abatch([AIMessage(content="a"), "b"]))[0], "a")
+    chunks = [c async for c in r.astream(AIMessage(content=USER_TEXT))]
+    _kept(chunks[-1], USER_TEXT)
+    assert refine_requests(echo) == before
+
+
+def test_no_prompt_strict_raises_a_clear_error(echo):
+    strict = DiffPORefiner(endpoint=echo, fail_open=False)
+    with pytest.raises(InvalidRequestError, match="no prompt"):
+        strict.invoke(USER_TEXT)
+    with pytest.raises(InvalidRequestError, match="no prompt"):
+        DiffPOClient(echo).refine([{"prompt": "", "draft": USER_TEXT}])
+
+
+def test_no_prompt_warns_once_per_process_naming_the_ways():
+    code = (
+        "import logging; logging.basicConfig(level=logging.WARNING)\n"
+        "from diffpo_sdk import DiffPORefiner\n"
+        f"r = DiffPORefiner(endpoint='http://127.0.0.1:{free_port()}')\n"
+        "outs = [r.invoke('draft one'), r.invoke('draft two'), r.batch(['a', 'b'])]\n"
+        "print(outs)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['draft one', 'draft two', ['a', 'b']]"
+    warnings = [line for line in out.stderr.splitlines() if "no prompt" in line]
+    assert len(warnings) == 1, out.stderr
+    for way in ("capture", "{'messages': ..., 'draft': ...}", "DiffPORefiner.wrap(llm)"):
+        assert way in warnings[0]
 
 
 def test_fail_open_and_strict():
     dead = f"http://127.0.0.1:{free_port()}"
-    out = DiffPORefiner(endpoint=dead, timeout=0.5).invoke(AIMessage(content=[{"type": "text", "text": "keep me"}]))
+    draft = AIMessage(content=[{"type": "text", "text": "keep me"}])
+    out = DiffPORefiner(endpoint=dead, timeout=0.5).invoke({"prompt": "q", "draft": draft})
     assert out.content == [{"type": "text", "text": "keep me"}]  # the draft exactly as it came
-    assert out.response_metadata["diffpo"]["refined"] is False
-    assert "RefinerUnavailableError" in out.response_metadata["diffpo"]["error"]
+    meta = out.response_metadata["diffpo"]
+    assert meta["refined"] is False and meta["reason"] == "refiner_failed"
+    assert "RefinerUnavailableError" in meta["error"]
     strict = DiffPORefiner(endpoint=dead, timeout=0.5, fail_open=False)
     with pytest.raises(RefinerUnavailableError):
-        strict.invoke("x")
-    outs = strict.batch(["x", "y"], return_exceptions=True)
+        strict.invoke({"prompt": "q", "draft": "x"})
+    outs = strict.batch([{"prompt": "q", "draft": "x"}, {"prompt": "q", "draft": "y"}], return_exceptions=True)
     assert all(isinstance(o, RefinerUnavailableError) for o in outs)
 
 
@@ -317,4 +404,8 @@ async def test_in_process_backend(tiny_llama_dir, monkeypatch):
     out = await chain.ainvoke({"q": "x"})
     assert out.response_metadata["diffpo"]["backend"] == "in_process"
     assert out.response_metadata["diffpo"]["refined"] is True
-    assert isinstance(chain.invoke({"q": "y"}).content, str)
+    # the very engine the backend loaded, given the prompt explicitly: the same greedy answer
+    engine = InProcessClient(settings=r.resolved_settings).engine
+    [want] = engine.refine([{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "y"}],
+                             "draft": "draft(y)"}], max_new_tokens=8)
+    assert chain.invoke({"q": "y"}).content == want.text

@@ -15,6 +15,7 @@ from test_server_support import (
     WrappedEngine,
     alpaca_items,
     metric_value,
+    wait_queued,
 )
 
 pytest_plugins = ["test_server_support"]  # fixtures: tiny_engine, start_server
@@ -53,7 +54,7 @@ async def test_concurrent_requests_batch_and_match_engine_alone(tiny_engine, sta
     options = [{"block_size": 4, "max_new_tokens": 12} if n % 2 else {"block_size": 8, "max_new_tokens": 16} for n in range(16)]
     async with httpx.AsyncClient(base_url=url, timeout=60) as c:
         tasks = [asyncio.create_task(c.post("/v1/refine", json=body([it], **opt))) for it, opt in zip(items, options)]
-        await asyncio.sleep(0.5)  # let every request queue behind the gated first batch
+        await wait_queued(c, 16, gated)  # every request queues behind the gated first batch
         gated.gate.set()
         responses = await asyncio.gather(*tasks)
         metrics = (await c.get("/metrics")).text
@@ -109,10 +110,9 @@ async def test_queue_full_gets_429_with_retry_after_at_once(tiny_engine, start_s
         running = asyncio.create_task(c.post("/v1/refine", json=req))
         await asyncio.to_thread(gated.entered.wait, 10)  # first request is in the engine
         queued = asyncio.create_task(c.post("/v1/refine", json=req))
-        await asyncio.sleep(0.3)  # second request sits in the queue
-        t0 = time.monotonic()
+        await wait_queued(c, 1)  # the second request sits in the queue
         refused = await c.post("/v1/refine", json=req)
-        assert time.monotonic() - t0 < 2.0
+        assert not running.done() and not queued.done()  # refused at once: nothing ahead of it moved
         assert refused.status_code == 429
         assert int(refused.headers["retry-after"]) >= 1
         assert refused.json()["error"]["type"] == "queue_full"
@@ -173,10 +173,14 @@ async def test_client_disconnect_stops_the_work(tiny_engine, start_server):
                 await t
     # the running row is cancelled (the engine's is_cancelled turns true) well before its 20 s
     assert await asyncio.to_thread(spin.saw_cancel.wait, 10)
-    await asyncio.sleep(0.5)
-    assert spin.calls == [["running"]]  # the queued request never reached the engine
     async with httpx.AsyncClient(base_url=url, timeout=10) as c:
-        metrics = (await c.get("/metrics")).text
+        for _ in range(1000):  # until the server has seen both disconnects and emptied its queue
+            metrics = (await c.get("/metrics")).text
+            if (metric_value(metrics, "diffpo_errors_total", 'kind="client_disconnected"') >= 2
+                    and metric_value(metrics, "diffpo_queue_depth") == 0):
+                break
+            await asyncio.sleep(0.01)
+    assert spin.calls == [["running"]]  # the queued request never reached the engine
     assert metric_value(metrics, "diffpo_errors_total", 'kind="client_disconnected"') == 2
     assert metric_value(metrics, "diffpo_queue_depth") == 0
 
@@ -239,7 +243,7 @@ async def test_oom_splits_the_batch_and_retries(tiny_engine, start_server):
 
     class OomAboveTwo(GatedEngine):
         def refine(self, items, **kw):
-            self.entered.set()
+            self.enter(items)
             self.gate.wait(30)
             self.calls.append([i.draft for i in items])
             if len(items) > 2 or any(i.draft == "too big" for i in items):
@@ -253,7 +257,7 @@ async def test_oom_splits_the_batch_and_retries(tiny_engine, start_server):
         tasks = [asyncio.create_task(c.post("/v1/refine", json=body([{"prompt": PROMPTS[n], "draft": d}],
                                                                       block_size=2, max_new_tokens=6)))
                  for n, d in enumerate(drafts)]
-        await asyncio.sleep(0.5)
+        await wait_queued(c, 8, engine)
         engine.gate.set()
         responses = await asyncio.gather(*tasks)
         metrics = (await c.get("/metrics")).text
@@ -269,7 +273,7 @@ async def test_oom_splits_the_batch_and_retries(tiny_engine, start_server):
 async def test_one_failing_request_does_not_fail_its_batch(tiny_engine, start_server):
     class Poisoned(GatedEngine):
         def refine(self, items, **kw):
-            self.entered.set()
+            self.enter(items)
             self.gate.wait(30)
             if any(i.draft == "poison" for i in items):
                 raise RuntimeError("engine bug triggered by this input")
@@ -281,7 +285,7 @@ async def test_one_failing_request_does_not_fail_its_batch(tiny_engine, start_se
     async with httpx.AsyncClient(base_url=url, timeout=60) as c:
         tasks = [asyncio.create_task(c.post("/v1/refine", json=body([{"prompt": "Hi", "draft": d}], max_new_tokens=4,
                                                                       block_size=2))) for d in drafts]
-        await asyncio.sleep(0.3)
+        await wait_queued(c, 4, engine)
         engine.gate.set()
         responses = await asyncio.gather(*tasks)
     assert [r.status_code for r in responses] == [200, 500, 200, 200]
@@ -427,13 +431,12 @@ def test_failed_load_is_reported_by_health(start_server):
 def test_cli_serves_a_model_end_to_end(tiny_llama_dir, tmp_path):
     """``python -m diffpo_sdk.server`` in its own process: binds loopback, loads, serves, logs no content."""
     import os
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from diffpo_sdk.testing import free_port
+
+    port = free_port()
     env = {**os.environ, "DIFFPO_API_KEY": "cli-key", "OMP_NUM_THREADS": "1"}
     log = tmp_path / "server.log"
     with open(log, "wb") as out:

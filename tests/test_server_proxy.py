@@ -190,15 +190,22 @@ def test_tool_calls_pass_through_untouched(proxy, tiny_engine):
     assert engine.calls == []  # the refiner never saw it
 
 
-def test_conversation_ending_in_a_tool_turn_passes_through(proxy, tiny_engine):
+def test_an_answer_after_tool_results_is_refined_like_everywhere_else(proxy, tiny_engine):
+    """The proxy and the LiteLLM wrapper share one rule: the tool traffic becomes text turns."""
+    from diffpo_sdk._convert import conversation
+
     engine = WrappedEngine(tiny_engine)
     url = proxy(engine)
     messages = [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [
         {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
         {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
-    r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={"messages": messages})
-    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == ANSWER
-    assert r.json()["diffpo"]["refined"] is False and engine.calls == []
+    r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={"messages": messages, "diffpo": OPTS})
+    assert r.status_code == 200 and r.json()["diffpo"]["refined"] is True
+    turns = [t.model_dump() for t in conversation(messages)]
+    assert turns[-1] == {"role": "user", "content": "[tool result]\nsunny"}
+    want = refined(tiny_engine, turns, ANSWER)
+    assert r.json()["choices"][0]["message"]["content"] == want.text
+    assert r.json()["choices"][0]["finish_reason"] == want.finish_reason == "length"  # 16 tokens cut it short
 
 
 def test_litellm_mock_response_upstream(tiny_engine, start_server):

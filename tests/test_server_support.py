@@ -5,6 +5,7 @@ No tests here; ``test_server*.py`` modules import what they need.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import threading
@@ -115,9 +116,14 @@ class GatedEngine(WrappedEngine):
         super().__init__(engine)
         self.gate = threading.Event()
         self.entered = threading.Event()
+        self.held: list[int] = []  # items of each refine() call, counted as it enters
+
+    def enter(self, items: list[Any]) -> None:
+        self.held.append(len(items))
+        self.entered.set()
 
     def refine(self, items: list[Any], **kw: Any) -> Any:
-        self.entered.set()
+        self.enter(items)
         if not self.gate.wait(30):
             raise RuntimeError("gate never opened")
         return super().refine(items, **kw)
@@ -150,3 +156,18 @@ def metric_value(text: str, name: str, labels: str = "") -> float:
         if key == want:
             return float(value)
     return 0.0
+
+
+async def wait_queued(client: Any, n: int, gated: GatedEngine | None = None) -> None:
+    """Wait until ``n`` requests are in the server: in its queue, plus those ``gated`` holds.
+
+    Polls the server's own state (``/health`` queue depth), so a test never guesses with a
+    fixed sleep how long queueing takes on a loaded machine.
+    """
+    got = -1
+    for _ in range(1000):
+        got = (await client.get("/health")).json()["queue_depth"] + (sum(gated.held) if gated else 0)
+        if got >= n:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{got} of {n} requests reached the server")

@@ -8,6 +8,7 @@ import litellm
 import pytest
 from langchain_core.messages import AIMessage
 from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.runnables import RunnableLambda
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -16,7 +17,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 import diffpo_sdk
 from diffpo_sdk import DiffPORefiner
-from diffpo_sdk.bench.client import EchoEngine, free_port, serve_engine
+from diffpo_sdk.testing import EchoEngine, free_port, serve_engine
 
 SECRET_PROMPT = "my-secret-question"
 SECRET_DRAFT = "my-secret-draft"
@@ -59,8 +60,9 @@ def all_attribute_text(exporter: InMemorySpanExporter) -> str:
 
 
 def test_refine_span_follows_genai_semconv(echo, spans):
-    chain = ChatPromptTemplate.from_messages([("human", "{q}")]) | (lambda _: AIMessage(content=SECRET_DRAFT))
-    out = (chain | DiffPORefiner(endpoint=echo, block_size=4, max_new_tokens=16)).invoke({"q": SECRET_PROMPT})
+    llm = RunnableLambda(lambda _: AIMessage(content=SECRET_DRAFT))
+    refined = DiffPORefiner.wrap(llm, endpoint=echo, block_size=4, max_new_tokens=16)
+    out = (ChatPromptTemplate.from_messages([("human", "{q}")]) | refined).invoke({"q": SECRET_PROMPT})
     assert out.content == f"refined {SECRET_DRAFT}"
     [span] = by_name(spans, "chat ")
     assert span.name == "chat echo" and span.kind == SpanKind.CLIENT
@@ -78,7 +80,7 @@ def test_refine_span_follows_genai_semconv(echo, spans):
 
 
 def test_server_span_nests_under_the_client_span(echo, spans):
-    DiffPORefiner(endpoint=echo).invoke("x")
+    DiffPORefiner(endpoint=echo).invoke({"prompt": "q", "draft": "x"})
     [client] = by_name(spans, "chat ")
     [server] = by_name(spans, "diffpo.server POST /v1/refine")
     assert server.context.trace_id == client.context.trace_id
@@ -95,7 +97,7 @@ def test_content_only_when_opted_in(echo, spans):
 
 def test_fail_open_is_marked_on_the_span(spans):
     dead = [f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"]
-    out = DiffPORefiner(endpoint=dead, timeout=1).invoke(AIMessage(content="d"))
+    out = DiffPORefiner(endpoint=dead, timeout=1).invoke({"prompt": "q", "draft": AIMessage(content="d")})
     assert out.response_metadata["diffpo"]["refined"] is False
     [span] = by_name(spans, "chat ")
     assert span.attributes["diffpo.refined"] is False

@@ -58,8 +58,11 @@ def to_messages(prompt: Any) -> list[BaseMessage] | None:
     if isinstance(prompt, BaseMessage):
         return [prompt]
     if isinstance(prompt, Sequence):
+        # OpenAI turns that only call tools may leave out "content" (or send null)
+        turns = [{**m, "content": m.get("content") or ""} if isinstance(m, dict) and "role" in m else m
+                 for m in prompt]
         try:
-            return convert_to_messages(list(prompt))
+            return convert_to_messages(turns)
         except (ValueError, TypeError, NotImplementedError):
             return None
     return None

@@ -23,7 +23,8 @@ from typing import Any
 from langchain.agents.middleware import AgentMiddleware, ModelRequest, ModelResponse
 from langchain_core.messages import AIMessage, BaseMessage
 
-from ._convert import has_tool_calls
+from ._convert import has_tool_calls, text_of
+from .answers import pass_through_reason
 from .runnable import DiffPORefiner
 
 __all__ = ["DiffPOMiddleware"]
@@ -69,15 +70,16 @@ def _model_response(response: Any) -> ModelResponse | None:
 
 def _answer(response: Any) -> AIMessage | None:
     """The final answer in a model call's result, or None when there is nothing to refine."""
+    structured = False
     if isinstance(response, AIMessage):
         candidates: list[BaseMessage] = [response]
     else:
         mr = _model_response(response)
-        if mr is None or mr.structured_response is not None:
+        if mr is None:
             return None
-        candidates = mr.result
+        candidates, structured = mr.result, mr.structured_response is not None
     ai = next((m for m in reversed(candidates) if isinstance(m, AIMessage)), None)
-    if ai is None or has_tool_calls(ai):
+    if ai is None or pass_through_reason(text_of(ai), tool_calls=has_tool_calls(ai), structured=structured):
         return None
     return ai
 

@@ -27,7 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from .protocol import parse_block_size
+from .shared_data import ALPACA_PREFERENCES, shared_file
+
 BUNDLED_DRAFTS = Path(__file__).resolve().parent / "data" / "drafts.jsonl"
 LOCAL_DRAFTER = "local/smollm2-135m-instruct"
 
@@ -61,14 +63,8 @@ class Row:
 
 
 def shared_alpaca_file() -> Path | None:
-    """The shared AlpacaEval file beside this checkout, or where ``$DIFFPO_SHARED_DATA`` says."""
-    candidates = [Path(os.environ["DIFFPO_SHARED_DATA"])] if os.environ.get("DIFFPO_SHARED_DATA") else []
-    candidates += [REPO_ROOT.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
-    for base in candidates:
-        path = base / "alpaca_eval" / "multi_model_preferences.jsonl.gz"
-        if path.is_file():
-            return path
-    return None
+    """The shared AlpacaEval file (see :mod:`diffpo_sdk.shared_data`), or ``None``."""
+    return shared_file(ALPACA_PREFERENCES)
 
 
 def load_prompts(n: int) -> tuple[list[str], str]:
@@ -156,7 +152,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no cost-map fetch at import
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     width = args.width or min(140, max(80, shutil.get_terminal_size((100, 24)).columns))
-    block_size: int | str = int(args.block_size) if str(args.block_size).isdigit() else args.block_size
+    block_size = parse_block_size(args.block_size)
 
     prompts, source = load_prompts(args.num_prompts)
     print(f"diffpo demo: {len(prompts)} prompts from {source}")

@@ -8,8 +8,11 @@ LiteLLM's own types: a ``ModelResponse`` whose choices hold the refined text, or
 ``choice.message.provider_specific_fields["diffpo"]`` (for streams, in the first
 re-emitted chunk's ``delta.provider_specific_fields["diffpo"]``).
 
-Only text answers are refined: choices with tool calls, and structured output
-(``response_format``), are returned untouched. LiteLLM is imported on first call.
+Only text answers are refined: choices with tool calls, structured output
+(``response_format``) and empty answers are returned untouched (the rule, shared by every
+surface, is :mod:`diffpo_sdk.answers`); a refined choice's ``finish_reason`` is the
+refiner's (``"length"`` when it ran out of tokens, else ``"stop"``). LiteLLM is imported
+on first call.
 
 Tracing: one ``diffpo.completion`` root span holds the LLM call and the refinement as
 siblings. LiteLLM's "otel" callback writes onto the *current* span instead of opening
@@ -21,65 +24,64 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import trace
 
 from . import tracing
 from ._convert import conversation
+from .answers import openai_pass_through_reason, refined_finish_reason
 from .client import Outcome, shared_async_client, shared_client
 from .protocol import RefineItem
 from .settings import DiffPOSettings
 
-__all__ = ["acompletion", "completion", "arefine_response", "refine_response"]
-
-_OPTION_NAMES = ("block_size", "max_iterations", "max_new_tokens")
-
+__all__ = ["acompletion", "aiter_in_span", "arefine_response", "arefine_stream", "completion", "refine_response",
+           "refine_stream"]
 
 def _settings(settings: DiffPOSettings | None, refiner_endpoint: Any, fail_open: bool | None,
               options: dict[str, Any]) -> DiffPOSettings:
     return (settings or DiffPOSettings()).merged(endpoint=refiner_endpoint, fail_open=fail_open, **options)
 
 
-def _options(settings: DiffPOSettings) -> dict[str, Any]:
-    return {"block_size": settings.block_size, "max_new_tokens": settings.max_new_tokens,
-            "max_iterations": settings.max_iterations}
-
-
 # -- what to refine in a response -------------------------------------------------------------
 
 
-def _targets(response: Any, messages: Any, request: dict[str, Any]) -> tuple[list[Any], list[RefineItem], str]:
-    """The choices with a text answer, their refine items, and where the prompt came from."""
-    if request.get("response_format") is not None:  # structured output: refining would break the JSON
-        return [], [], "none"
+@dataclass
+class _Plan:
+    """The choices of a response that get refined, and the call that refines them."""
+
+    choices: list[Any]
+    call: dict[str, Any]
+
+
+def _plan(response: Any, messages: Any, settings: DiffPOSettings, request: dict[str, Any]) -> _Plan | None:
+    """The text choices to refine (the rule is :mod:`diffpo_sdk.answers`), or None when there are none."""
+    structured = request.get("response_format") is not None
     turns = conversation(messages)
-    source = "explicit" if turns else "none"
-    choices, items = [], []
-    for choice in getattr(response, "choices", None) or []:
-        msg = getattr(choice, "message", None)
-        if msg is None or getattr(msg, "tool_calls", None) or getattr(msg, "function_call", None):
-            continue
-        if not isinstance(msg.content, str):
-            continue
-        choices.append(choice)
-        draft = msg.content
-        items.append(RefineItem(messages=turns, draft=draft) if turns else RefineItem(prompt="", draft=draft))
-    return choices, items, source
+    choices = [c for c in getattr(response, "choices", None) or []
+               if openai_pass_through_reason(getattr(c, "message", None), structured=structured) is None]
+    if not choices:
+        return None
+    items = [RefineItem(messages=turns, draft=c.message.content) if turns
+             else RefineItem(prompt="", draft=c.message.content) for c in choices]
+    call = {"items": items, "fail_open": settings.fail_open,
+            "prompt_sources": ["explicit" if turns else "none"] * len(items), "block_size": settings.block_size,
+            "max_new_tokens": settings.max_new_tokens, "max_iterations": settings.max_iterations}
+    return _Plan(choices, call)
 
 
-def _apply(choices: list[Any], outcomes: list[Outcome]) -> None:
-    for choice, outcome in zip(choices, outcomes):
+def _apply(plan: _Plan, outcomes: list[Outcome]) -> None:
+    for choice, outcome in zip(plan.choices, outcomes):
         msg = choice.message
         if outcome.refined:
             msg.content = outcome.text
+            choice.finish_reason = refined_finish_reason(outcome.info["finish_reason"])
         msg.provider_specific_fields = {**(msg.provider_specific_fields or {}), "diffpo": outcome.info}
-
-
-def _mark_root(root: Any, outcomes: list[Outcome]) -> None:
+    root = trace.get_current_span()
     if outcomes and root.is_recording():
         root.set_attribute(tracing.DIFFPO_REFINED, all(o.refined for o in outcomes))
-        errors = [o.info["error"] for o in outcomes if not o.refined]
+        errors = [o.info.get("error") or o.info.get("reason", "") for o in outcomes if not o.refined]
         if errors:
             root.set_attribute(tracing.DIFFPO_FALLBACK_REASON, errors[0][:500])
 
@@ -88,26 +90,17 @@ def refine_response(response: Any, messages: Any, *, settings: DiffPOSettings | 
                     request: dict[str, Any] | None = None) -> Any:
     """Refine a LiteLLM ``ModelResponse`` in place (text choices only) and return it."""
     s = settings or DiffPOSettings()
-    choices, items, source = _targets(response, messages, request or {})
-    if items:
-        outcomes = shared_client(s).refine_or_keep(items, fail_open=s.fail_open, prompt_sources=[source] * len(items),
-                                                   **_options(s))
-        _apply(choices, outcomes)
-        _mark_root(trace.get_current_span(), outcomes)
+    if plan := _plan(response, messages, s, request or {}):
+        _apply(plan, shared_client(s).refine_or_keep(**plan.call))
     return response
 
 
 async def arefine_response(response: Any, messages: Any, *, settings: DiffPOSettings | None = None,
                            request: dict[str, Any] | None = None) -> Any:
-    """Async twin of :func:`refine_response`."""
+    """:func:`refine_response` for asyncio."""
     s = settings or DiffPOSettings()
-    choices, items, source = _targets(response, messages, request or {})
-    if items:
-        outcomes = await shared_async_client(s).refine_or_keep(
-            items, fail_open=s.fail_open, prompt_sources=[source] * len(items), **_options(s)
-        )
-        _apply(choices, outcomes)
-        _mark_root(trace.get_current_span(), outcomes)
+    if plan := _plan(response, messages, s, request or {}):
+        _apply(plan, await shared_async_client(s).refine_or_keep(**plan.call))
     return response
 
 
@@ -140,6 +133,17 @@ def _rebuild(chunks: list[Any], messages: Any) -> Any:
     return litellm.stream_chunk_builder(chunks, messages=messages) if chunks else None
 
 
+def _refinable_stream(collected: list[Any], messages: Any, settings: DiffPOSettings | None,
+                      request: dict[str, Any] | None) -> Any:
+    """The stream rebuilt as one response when every choice gets refined, else None (pass it through)."""
+    built = _rebuild(collected, messages)
+    if built is None:
+        plan = None
+    else:
+        plan = _plan(built, messages, settings or DiffPOSettings(), request or {})
+    return built if plan is not None and len(plan.choices) == len(built.choices) else None
+
+
 def refine_stream(chunks: Iterator[Any], messages: Any, *, settings: DiffPOSettings | None = None,
                   request: dict[str, Any] | None = None) -> Iterator[Any]:
     """Collect a LiteLLM stream, refine its answer, and yield it again as chunks.
@@ -148,9 +152,8 @@ def refine_stream(chunks: Iterator[Any], messages: Any, *, settings: DiffPOSetti
     are passed through chunk for chunk.
     """
     collected = list(chunks)
-    built = _rebuild(collected, messages)
-    choices, items, _ = _targets(built, messages, request or {})
-    if built is None or not items or len(items) != len(built.choices):
+    built = _refinable_stream(collected, messages, settings, request)
+    if built is None:
         yield from collected
         return
     refine_response(built, messages, settings=settings, request=request)
@@ -159,16 +162,12 @@ def refine_stream(chunks: Iterator[Any], messages: Any, *, settings: DiffPOSetti
 
 async def arefine_stream(chunks: AsyncIterator[Any], messages: Any, *, settings: DiffPOSettings | None = None,
                          request: dict[str, Any] | None = None) -> AsyncIterator[Any]:
-    """Async twin of :func:`refine_stream`."""
+    """:func:`refine_stream` for asyncio."""
     collected = [c async for c in chunks]
-    built = _rebuild(collected, messages)
-    choices, items, _ = _targets(built, messages, request or {})
-    if built is None or not items or len(items) != len(built.choices):
-        for c in collected:
-            yield c
-        return
-    await arefine_response(built, messages, settings=settings, request=request)
-    for c in _reemit(built, collected[0], collected[-1]):
+    built = _refinable_stream(collected, messages, settings, request)
+    out = collected if built is None else _reemit(await arefine_response(built, messages, settings=settings,
+                                                                         request=request), collected[0], collected[-1])
+    for c in out:
         yield c
 
 
@@ -186,6 +185,35 @@ def _with_parent(kwargs: dict[str, Any], root: Any) -> dict[str, Any]:
     metadata = dict(kwargs.get("metadata") or {})
     metadata.setdefault("litellm_parent_otel_span", root)
     return {**kwargs, "metadata": metadata}
+
+
+@dataclass
+class _Completion:
+    """One drop-in call: its settings, its root span, and LiteLLM's arguments."""
+
+    settings: DiffPOSettings
+    root: Any
+    request: dict[str, Any]
+    kwargs: dict[str, Any]
+    refine: bool
+    stream: bool
+
+    def done(self) -> bool:
+        """Whether the call returns LiteLLM's answer now (and so ends its span): not a refined stream."""
+        if self.refine and self.stream:
+            return False
+        self.root.end()
+        return True
+
+
+def _begin(model: str, refine: bool, block_size: int | str | None, max_iterations: int | None,
+           max_new_tokens: int | None, fail_open: bool | None, refiner_endpoint: Any,
+           refiner_settings: DiffPOSettings | None, kwargs: dict[str, Any]) -> _Completion:
+    s = _settings(refiner_settings, refiner_endpoint, fail_open,
+                  {"block_size": block_size, "max_iterations": max_iterations, "max_new_tokens": max_new_tokens})
+    root = _root(model)
+    return _Completion(s, root, {"response_format": kwargs.get("response_format")}, _with_parent(kwargs, root),
+                       refine, bool(kwargs.get("stream")))
 
 
 def completion(
@@ -208,25 +236,19 @@ def completion(
     """
     import litellm
 
-    s = _settings(refiner_settings, refiner_endpoint, fail_open,
-                  {"block_size": block_size, "max_iterations": max_iterations, "max_new_tokens": max_new_tokens})
-    root = _root(model)
-    request = {"response_format": kwargs.get("response_format")}
-    stream = bool(kwargs.get("stream"))
+    c = _begin(model, refine, block_size, max_iterations, max_new_tokens, fail_open, refiner_endpoint,
+               refiner_settings, kwargs)
     try:
-        with trace.use_span(root, end_on_exit=False):
-            response = litellm.completion(model=model, messages=messages, **_with_parent(kwargs, root))
-            if not refine:
-                root.end()
-                return response
-            if not stream:
-                refine_response(response, messages, settings=s, request=request)
-                root.end()
-                return response
+        with trace.use_span(c.root, end_on_exit=False):
+            response = litellm.completion(model=model, messages=messages, **c.kwargs)
+            if c.refine and not c.stream:
+                refine_response(response, messages, settings=c.settings, request=c.request)
     except BaseException:
-        root.end()
+        c.root.end()
         raise
-    return _traced_stream(refine_stream(response, messages, settings=s, request=request), root)
+    if c.done():
+        return response
+    return _traced_stream(refine_stream(response, messages, settings=c.settings, request=c.request), c.root)
 
 
 def _traced_stream(chunks: Iterator[Any], root: Any) -> Iterator[Any]:
@@ -255,34 +277,30 @@ async def acompletion(
     refiner_settings: DiffPOSettings | None = None,
     **kwargs: Any,
 ) -> Any:
-    """Async twin of :func:`completion`: ``await`` it; with ``stream=True`` iterate with ``async for``."""
+    """:func:`completion` for asyncio: ``await`` it; with ``stream=True`` iterate with ``async for``."""
     import litellm
 
-    s = _settings(refiner_settings, refiner_endpoint, fail_open,
-                  {"block_size": block_size, "max_iterations": max_iterations, "max_new_tokens": max_new_tokens})
-    root = _root(model)
-    request = {"response_format": kwargs.get("response_format")}
-    stream = bool(kwargs.get("stream"))
+    c = _begin(model, refine, block_size, max_iterations, max_new_tokens, fail_open, refiner_endpoint,
+               refiner_settings, kwargs)
     try:
-        with trace.use_span(root, end_on_exit=False):
-            response = await litellm.acompletion(model=model, messages=messages, **_with_parent(kwargs, root))
-            if not refine:
-                root.end()
-                return response
-            if not stream:
-                await arefine_response(response, messages, settings=s, request=request)
-                root.end()
-                return response
+        with trace.use_span(c.root, end_on_exit=False):
+            response = await litellm.acompletion(model=model, messages=messages, **c.kwargs)
+            if c.refine and not c.stream:
+                await arefine_response(response, messages, settings=c.settings, request=c.request)
     except BaseException:
-        root.end()
+        c.root.end()
         raise
-    return _atraced_stream(arefine_stream(response, messages, settings=s, request=request), root)
+    if c.done():
+        return response
+    return aiter_in_span(arefine_stream(response, messages, settings=c.settings, request=c.request), c.root,
+                         end=True)
 
 
-async def _atraced_stream(chunks: AsyncIterator[Any], root: Any) -> AsyncIterator[Any]:
+async def aiter_in_span(chunks: AsyncIterator[Any], span: Any, *, end: bool = False) -> AsyncIterator[Any]:
+    """``chunks``, each one produced with ``span`` current (never across a yield); ``end`` ends the span after."""
     try:
         while True:
-            with trace.use_span(root, end_on_exit=False):
+            with trace.use_span(span, end_on_exit=False):
                 try:
                     chunk = await chunks.__anext__()
                 except StopAsyncIteration:
@@ -291,4 +309,5 @@ async def _atraced_stream(chunks: AsyncIterator[Any], root: Any) -> AsyncIterato
     finally:
         with contextlib.suppress(Exception):
             await chunks.aclose()  # type: ignore[attr-defined]
-        root.end()
+        if end:
+            span.end()

@@ -15,7 +15,7 @@ from typing import Any
 from litellm.integrations.custom_logger import CustomLogger
 from opentelemetry import trace
 
-from .litellm import arefine_response, arefine_stream
+from .litellm import aiter_in_span, arefine_response, arefine_stream
 from .settings import DiffPOSettings
 
 __all__ = ["DiffPOProxyHook"]
@@ -51,11 +51,5 @@ class DiffPOProxyHook(CustomLogger):
                 yield chunk
             return
         refined = arefine_stream(response, request_data.get("messages"), settings=self.settings, request=request_data)
-        parent = _parent(request_data)
-        while True:
-            with trace.use_span(parent, end_on_exit=False):
-                try:
-                    chunk = await refined.__anext__()
-                except StopAsyncIteration:
-                    return
+        async for chunk in aiter_in_span(refined, _parent(request_data)):
             yield chunk

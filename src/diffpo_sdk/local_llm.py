@@ -26,6 +26,8 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from .generation import generate_cut
+
 __all__ = ["Completion", "LocalChatModel", "create_app", "main", "register"]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -101,16 +103,10 @@ class LocalChatModel:
         with self._lock, torch.inference_mode():
             if seed is not None:
                 torch.manual_seed(seed)
-            out = self._model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                                       eos_token_id=self._stop, pad_token_id=self._tokenizer.pad_token_id,
-                                       **kwargs)[0, len(prompt):].tolist()
-        answer = []
-        finish = "length"
-        for t in out:
-            if t in self._stop:
-                finish = "stop"
-                break
-            answer.append(t)
+            [(answer, stopped)] = generate_cut(self._model, ids, torch.ones_like(ids), max_new_tokens=max_tokens,
+                                               stop_ids=self._stop, pad_id=self._tokenizer.pad_token_id,
+                                               keep_stop=False, **kwargs)
+        finish = "stop" if stopped else "length"
         text = self._tokenizer.decode(answer, skip_special_tokens=True)
         return Completion(text, len(prompt), len(answer), finish, time.perf_counter() - t0)
 

@@ -124,6 +124,19 @@ class ErrorBody(BaseModel):
     error: dict[str, Any]
 
 
+def parse_block_size(value: str | int) -> BlockSize:
+    """``"auto"`` or an integer >= 1, from a command line, an environment variable or JSON."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"block size must be 'auto' or an integer >= 1, got {value!r}") from None
+    if n < 1:
+        raise ValueError(f"block size must be 'auto' or an integer >= 1, got {value!r}")
+    return n
+
+
 def coerce_items(items: list[RefineItem | dict[str, Any]]) -> list[RefineItem]:
     """Accept plain dicts or ``RefineItem`` objects; validate once."""
     return [i if isinstance(i, RefineItem) else RefineItem.model_validate(i) for i in items]

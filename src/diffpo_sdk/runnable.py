@@ -32,7 +32,8 @@ from langchain_core.tracers.context import register_configure_hook
 from pydantic import ConfigDict, PrivateAttr, SecretStr, model_validator
 
 from ._convert import conversation, has_tool_calls, text_of, to_messages
-from .client import Outcome, _settings_key, shared_async_client, shared_client
+from .answers import pass_through_reason, refined_finish_reason
+from .client import Outcome, settings_key, shared_async_client, shared_client
 from .errors import InvalidRequestError
 from .protocol import BlockSize, RefineItem, RefineOptions
 from .settings import Backend, DiffPOSettings
@@ -183,9 +184,13 @@ class DiffPORefiner(RunnableSerializable[Any, Any]):
     ``response_metadata["diffpo"]``; ``{"messages" | "prompt": ..., "draft": str |
     AIMessage}`` → the draft's type; graph state ``{"messages": [..., AIMessage]}`` →
     ``{"messages": [refined AIMessage]}`` (same id, so ``add_messages`` replaces it).
-    AIMessages with tool calls pass through untouched. When the refiner cannot answer,
-    the draft comes back marked ``{"refined": False, "error": ...}``; ``fail_open=False``
-    raises :class:`~diffpo_sdk.errors.RefinerUnavailableError` instead.
+    AIMessages with tool calls, and empty answers, pass through untouched (the rule is
+    :mod:`diffpo_sdk.answers`). When the refiner cannot answer,
+    the draft comes back marked ``{"refined": False, "reason": "refiner_failed", "error": ...}``;
+    a draft with no prompt (none given, none captured) comes back marked ``"reason":
+    "no_prompt"``, never refined against an empty conversation. ``fail_open=False`` raises
+    instead (:class:`~diffpo_sdk.errors.RefinerUnavailableError`, resp.
+    :class:`~diffpo_sdk.errors.InvalidRequestError`).
 
     Fields left ``None`` come from ``settings`` or the ``DIFFPO_*`` environment.
     """
@@ -226,8 +231,13 @@ class DiffPORefiner(RunnableSerializable[Any, Any]):
         except ValueError as e:
             raise InvalidRequestError(str(e)) from e
         self._options = opts.model_dump()
-        self._client_key = _settings_key(s)
+        self._client_key = settings_key(s)
         return self
+
+    @property
+    def resolved_settings(self) -> DiffPOSettings:
+        """The settings every call uses: fields, then ``settings``, then ``DIFFPO_*``."""
+        return self._resolved
 
     @classmethod
     def is_lc_serializable(cls) -> bool:
@@ -274,36 +284,40 @@ class DiffPORefiner(RunnableSerializable[Any, Any]):
         return (await self._abatch([input], [run_manager], _raise=True))[0]
 
     def _batch(self, inputs: list[Any], run_manager: list[Any], _raise: bool = False) -> list[Any]:
-        jobs = [self._job(x, rm.parent_run_id) for x, rm in zip(inputs, run_manager)]
-        todo = [j for j in jobs if j.item is not None]
-        if not todo:
-            return [j.passthrough for j in jobs]
+        jobs = self._jobs(inputs, run_manager)
+        if not any(j.item is not None for j in jobs):
+            return self._assemble(jobs, [])
         try:
-            outcomes = shared_client(self._resolved, self._client_key).refine_or_keep(
-                [j.item for j in todo], fail_open=self._resolved.fail_open,
-                prompt_sources=[j.source for j in todo], **self._options,
-            )
+            outcomes = shared_client(self._resolved, self._client_key).refine_or_keep(**self._call(jobs))
         except Exception as e:
-            if _raise:
-                raise
-            return [e if j.item is not None else j.passthrough for j in jobs]
+            return self._failed(jobs, e, _raise)
         return self._assemble(jobs, outcomes)
 
     async def _abatch(self, inputs: list[Any], run_manager: list[Any], _raise: bool = False) -> list[Any]:
-        jobs = [self._job(x, rm.parent_run_id) for x, rm in zip(inputs, run_manager)]
-        todo = [j for j in jobs if j.item is not None]
-        if not todo:
-            return [j.passthrough for j in jobs]
+        jobs = self._jobs(inputs, run_manager)
+        if not any(j.item is not None for j in jobs):
+            return self._assemble(jobs, [])
         try:
-            outcomes = await shared_async_client(self._resolved, self._client_key).refine_or_keep(
-                [j.item for j in todo], fail_open=self._resolved.fail_open,
-                prompt_sources=[j.source for j in todo], **self._options,
-            )
+            outcomes = await shared_async_client(self._resolved, self._client_key).refine_or_keep(**self._call(jobs))
         except Exception as e:
-            if _raise:
-                raise
-            return [e if j.item is not None else j.passthrough for j in jobs]
+            return self._failed(jobs, e, _raise)
         return self._assemble(jobs, outcomes)
+
+    # the logic both forms share ---------------------------------------------------------
+
+    def _jobs(self, inputs: list[Any], run_manager: list[Any]) -> list[_Job]:
+        return [self._job(x, rm.parent_run_id) for x, rm in zip(inputs, run_manager)]
+
+    def _call(self, jobs: list[_Job]) -> dict[str, Any]:
+        todo = [j for j in jobs if j.item is not None]
+        return {"items": [j.item for j in todo], "prompt_sources": [j.source for j in todo],
+                "fail_open": self._resolved.fail_open, **self._options}
+
+    @staticmethod
+    def _failed(jobs: list[_Job], error: Exception, raise_: bool) -> list[Any]:
+        if raise_:
+            raise error
+        return [error if j.item is not None else j.passthrough for j in jobs]
 
     @staticmethod
     def _assemble(jobs: list[_Job], outcomes: list[Outcome]) -> list[Any]:
@@ -339,13 +353,14 @@ class DiffPORefiner(RunnableSerializable[Any, Any]):
 
     def _draft_job(self, draft: Any, prompt: Any, parent_run_id: UUID | None, explicit: bool | None) -> _Job:
         if isinstance(draft, BaseMessage):
-            if has_tool_calls(draft):
-                return _Job(None, "none", _unused, passthrough=draft)
             text, build = text_of(draft), _message_builder(draft)
+            tool_calls = has_tool_calls(draft)
         elif isinstance(draft, str):
-            text, build = draft, _text_builder
+            text, build, tool_calls = draft, _text_builder, False
         else:
             raise InvalidRequestError(f"the draft must be a str or an AIMessage, not {type(draft).__name__}")
+        if pass_through_reason(text, tool_calls=tool_calls) is not None:
+            return _Job(None, "none", _unused, passthrough=draft)
 
         turns = conversation(prompt) if explicit else None
         source = "explicit" if turns else "none"
@@ -371,6 +386,7 @@ def _message_builder(draft: BaseMessage) -> Callable[[Outcome], BaseMessage]:
         meta = {**draft.response_metadata, "diffpo": outcome.info}
         if not outcome.refined:  # the draft exactly as it came, blocks and all
             return draft.model_copy(update={"response_metadata": meta})
+        meta["finish_reason"] = refined_finish_reason(outcome.info["finish_reason"])
         return draft.model_copy(update={"content": outcome.text, "response_metadata": meta})
 
     return build

@@ -14,101 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import socket
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-from ..protocol import RefinedItem, RefineItem, coerce_items
-
-# -- a zero-compute engine and a server in a thread (also used by the tests) --------------
-
-
-@dataclass
-class _EchoResult:
-    text: str
-    iterations: int
-    new_tokens: int
-
-    def to_wire(self, with_token_ids: bool = False) -> RefinedItem:
-        return RefinedItem(text=self.text, iterations=self.iterations, new_tokens=self.new_tokens, converged=True)
-
-
-class EchoEngine:
-    """Stands in for ``RefinerEngine`` with no model: the refined answer is ``transform(draft)``.
-
-    Lets the server, the client and every integration run for real with ~0 compute
-    (benchmarks of the SDK's overhead, fault tests, pairing tests).
-    """
-
-    def __init__(self, transform: Callable[[RefineItem], str] | None = None, *, delay_s: float = 0.0,
-                 model_name: str = "echo") -> None:
-        self.transform = transform or (lambda item: item.draft)
-        self.delay_s = delay_s
-        self.model_name = model_name
-        self.calls = 0
-        self._lock = threading.Lock()
-
-    def check_items(self, items: Any, *, max_new_tokens: int = 256, keep_draft_prefix: int = 0) -> list[RefineItem]:
-        return coerce_items(list(items))
-
-    def refine(self, items: Any, **options: Any) -> list[_EchoResult]:
-        with self._lock:
-            self.calls += 1
-        if self.delay_s:
-            time.sleep(self.delay_s)
-        out = []
-        for item in coerce_items(list(items)):
-            text = self.transform(item)
-            n = max(1, len(text.split()))
-            out.append(_EchoResult(text=text, iterations=1, new_tokens=n))
-        return out
-
-
-class ServerThread:
-    """A uvicorn server on 127.0.0.1 in a daemon thread; ``url`` once started, ``stop()`` to end it."""
-
-    def __init__(self, app: Any, port: int | None = None) -> None:
-        import uvicorn
-
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False,
-                                lifespan="on", timeout_graceful_shutdown=1)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
-
-    def start(self, timeout: float = 30.0) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"server on port {self.port} did not start")
-            time.sleep(0.01)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def serve_engine(engine: Any, **config: Any) -> ServerThread:
-    """The project's refiner server around ``engine``, started on a free loopback port."""
-    from ..server.app import create_app
-    from ..server.config import ServerConfig
-
-    return ServerThread(create_app(engine, ServerConfig(**config))).start()
-
+from ..testing import EchoEngine, free_port
 
 # -- the benchmark -------------------------------------------------------------------------
 
@@ -159,7 +71,7 @@ def run(calls: int = 500, warmup: int = 50, endpoint: str | None = None) -> dict
     import httpx
     from langchain_core.messages import AIMessage
 
-    from ..client import DiffPOClient, InProcessClient, _settings_key, _shared
+    from ..client import DiffPOClient, InProcessClient, use_shared_client
     from ..runnable import DiffPORefiner
     from ..settings import DiffPOSettings
 
@@ -191,7 +103,7 @@ def run(calls: int = 500, warmup: int = 50, endpoint: str | None = None) -> dict
             return float(refiner.invoke(explicit).response_metadata["diffpo"]["server_ms"])
 
         local = DiffPORefiner(settings=DiffPOSettings(backend="in_process"), block_size=32, max_new_tokens=64)
-        _shared[_settings_key(local._resolved)] = InProcessClient(settings=local._resolved, engine=EchoEngine())
+        use_shared_client(local.resolved_settings, InProcessClient(settings=local.resolved_settings, engine=EchoEngine()))
 
         def runnable_in_process() -> None:
             local.invoke(explicit)

@@ -15,7 +15,6 @@ import gzip
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from ..protocol import parse_block_size
+from ..shared_data import ALPACA_PREFERENCES, shared_file
+from ..testing import free_port
 
 #: Used when the shared AlpacaEval drafts are not around (a checkout without ../shared).
 FALLBACK_ITEMS = [
@@ -36,14 +39,13 @@ FALLBACK_ITEMS = [
     {"prompt": "Suggest a name for a pet goldfish.", "draft": "You could call your goldfish Bubbles."},
     {"prompt": "What is 12 times 12?", "draft": "12 times 12 is 144."},
 ]
-ALPACA = Path("shared/data/alpaca_eval/multi_model_preferences.jsonl.gz")
 
 
 def load_items(path: str | None, n: int, draft_chars: int) -> tuple[list[dict[str, str]], str]:
     """Prompts with a real base model's answer as the draft: AlpacaEval if found, else a built-in set."""
-    candidates = [Path(path)] if path else [Path.cwd().joinpath(*[".."] * up, ALPACA) for up in range(3)]
+    candidates = [Path(path)] if path else [shared_file(ALPACA_PREFERENCES)]
     for p in candidates:
-        if p.is_file():
+        if p is not None and p.is_file():
             items = []
             opener = gzip.open if p.suffix == ".gz" else open
             with opener(p, "rt", encoding="utf-8") as f:
@@ -119,12 +121,6 @@ async def server_metric(client: httpx.AsyncClient, name: str) -> float | None:
         if line.startswith(name + " "):
             return float(line.split()[-1])
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.Popen, str]:
@@ -225,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--items", type=int, default=64, help="distinct prompts to cycle through")
     p.add_argument("--draft-chars", type=int, default=300)
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--block-size", default="auto", type=lambda v: v if v == "auto" else int(v))
+    p.add_argument("--block-size", default="auto", type=parse_block_size)
     p.add_argument("--concurrency", default="1,8,32", type=lambda v: [int(x) for x in v.split(",")],
                    help="client counts; the first is the baseline (1 = one by one)")
     p.add_argument("--requests", type=int, default=8, help="requests per level at least")

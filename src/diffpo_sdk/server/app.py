@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
+from ..engine_protocol import RefinerEngineProtocol
 from ..errors import ContextLengthError, InvalidRequestError
 from ..protocol import ErrorBody, RefineRequest, RefineResponse
 from .batcher import (
@@ -35,6 +36,8 @@ from .batcher import (
 )
 from .config import ServerConfig
 from .metrics import Metrics
+from .proxy import add_chat_routes
+from .responses import error_response
 from .state import ClientDisconnectedError, NotReadyError, ServerState, until_disconnect
 
 log = logging.getLogger("diffpo_sdk.server")
@@ -57,13 +60,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def error_response(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    body = ErrorBody(error={"type": kind, "message": message, "code": status})
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
-
-
 def create_app(
-    engine_or_loader: Any,
+    engine_or_loader: RefinerEngineProtocol | Callable[[], RefinerEngineProtocol],
     config: ServerConfig | None = None,
     *,
     tracer_provider: trace.TracerProvider | None = None,
@@ -142,8 +140,6 @@ def create_app(
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    from .proxy import add_chat_routes
-
     add_chat_routes(app, state)
 
     # Outermost first at request time: observe -> authenticate -> guard the body -> route.
@@ -153,7 +149,7 @@ def create_app(
     return app
 
 
-async def _load(state: ServerState, loader: Callable[[], Any]) -> None:
+async def _load(state: ServerState, loader: Callable[[], RefinerEngineProtocol]) -> None:
     try:
         engine = await asyncio.to_thread(loader)
     except Exception as e:  # keep serving /health with the reason
@@ -163,7 +159,7 @@ async def _load(state: ServerState, loader: Callable[[], Any]) -> None:
     _ready(state, engine)
 
 
-def _ready(state: ServerState, engine: Any) -> None:
+def _ready(state: ServerState, engine: RefinerEngineProtocol) -> None:
     state.engine = engine
     batcher = Batcher(engine, state.config, state.metrics, state.tracer)
     batcher.start()

@@ -3,8 +3,10 @@
 The request goes to the upstream LLM through LiteLLM (any provider; keys come from the
 server's environment), the upstream answer becomes the draft, the loaded refiner rewrites
 it, and the client gets an OpenAI ``chat.completion`` back: upstream ``usage`` kept, the
-refinement's stats in an extra ``diffpo`` field. Answers with tool calls pass through
-untouched. If the refiner cannot help (queue full, deadline, a conversation its template
+refinement's stats in an extra ``diffpo`` field. Which answers are refined is the rule
+every surface shares (:mod:`diffpo_sdk.answers`): tool calls, structured output and empty
+answers pass through untouched; an answer after tool results is refined, with the tool
+traffic as text turns of its prompt. If the refiner cannot help (queue full, deadline, a conversation its template
 cannot take), the upstream answer is returned as is, marked ``"diffpo": {"refined": false}``:
 the user's answer is never lost because refinement failed.
 """
@@ -24,8 +26,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from .._convert import conversation as to_conversation
+from ..answers import openai_pass_through_reason, refined_finish_reason
 from ..errors import InvalidRequestError
-from ..protocol import Message, RefineItem, RefineOptions
+from ..protocol import RefineItem, RefineOptions
 from .batcher import (
     DeadlineExceededError,
     OptionsKey,
@@ -33,6 +37,7 @@ from .batcher import (
     QueueFullError,
     ShuttingDownError,
 )
+from .responses import error_response
 from .state import ServerState, until_disconnect
 
 log = logging.getLogger("diffpo_sdk.server")
@@ -79,8 +84,6 @@ def add_chat_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.exception_handler(UpstreamError)
     async def _upstream(request: Request, exc: UpstreamError) -> JSONResponse:
-        from .app import error_response
-
         errors.labels("upstream").inc()
         headers = {"Retry-After": exc.retry_after} if exc.retry_after else None
         return error_response(exc.status, "upstream_error", str(exc), headers)
@@ -97,12 +100,18 @@ def add_chat_routes(app: FastAPI, state: ServerState) -> None:
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         upstream = await until_disconnect(request, _call_upstream(state, model, messages, params))
 
-        conversation, reason = to_conversation(body.messages)
+        turns = to_conversation(messages)
         choices = upstream.get("choices") or []
-        targets = [i for i, ch in enumerate(choices) if _refinable(ch)]
-        if conversation is not None and not targets:
-            reason = "the answer has tool calls or no text: passed through untouched"
-        items = [] if reason else [RefineItem(messages=conversation, draft=choices[i]["message"]["content"]) for i in targets]
+        structured = params.get("response_format") is not None
+        skipped = [openai_pass_through_reason(ch.get("message") if isinstance(ch, dict) else None,
+                                              structured=structured) for ch in choices]
+        targets = [i for i, why in enumerate(skipped) if why is None]
+        reason = ""
+        if turns is None:
+            reason = "no_prompt: the conversation has no user turn to answer; passed through untouched"
+        elif not targets:
+            reason = f"{skipped[0] if skipped else 'no choices'}: passed through untouched"
+        items = [] if reason else [RefineItem(messages=turns, draft=choices[i]["message"]["content"]) for i in targets]
         if items:
             try:
                 await state.check_items(items, key)
@@ -123,33 +132,10 @@ def add_chat_routes(app: FastAPI, state: ServerState) -> None:
             return upstream
         for i, res in zip(targets, results):
             upstream["choices"][i]["message"]["content"] = res.text
-            if res.finish_reason != "stop":
-                upstream["choices"][i]["finish_reason"] = "length"
+            upstream["choices"][i]["finish_reason"] = refined_finish_reason(res.finish_reason)
         upstream["diffpo"] = _stats(state, results, stats)
         _log_content(state, messages, items, results)
         return upstream
-
-
-def to_conversation(messages: list[ChatMessage]) -> tuple[list[Message] | None, str]:
-    """The request's messages as refiner turns, or (None, why) when the template cannot take them."""
-    out: list[Message] = []
-    for m in messages:
-        role = "system" if m.role == "developer" else m.role
-        if role not in ("system", "user", "assistant") or getattr(m, "tool_calls", None):
-            return None, f"the conversation has a {m.role!r} turn with tool traffic: passed through untouched"
-        if isinstance(m.content, list):
-            text = "".join(p.get("text", "") for p in m.content if isinstance(p, dict) and p.get("type") == "text")
-        else:
-            text = m.content or ""
-        out.append(Message(role=role, content=text))
-    if out[-1].role != "user":
-        return None, "the last turn is not a user turn, so there is no answer to refine: passed through untouched"
-    return out, ""
-
-
-def _refinable(choice: Any) -> bool:
-    msg = choice.get("message") if isinstance(choice, dict) else None
-    return bool(msg) and not msg.get("tool_calls") and not msg.get("function_call") and isinstance(msg.get("content"), str)
 
 
 async def _call_upstream(state: ServerState, model: str, messages: list[dict], params: dict[str, Any]) -> dict[str, Any]:
@@ -190,7 +176,7 @@ def _stats(state: ServerState, results: list[Any], stats: dict[str, float]) -> d
                 "iterations": r.iterations,
                 "new_tokens": r.new_tokens,
                 "converged": r.converged,
-                "finish_reason": "stop" if r.finish_reason == "stop" else "length",
+                "finish_reason": refined_finish_reason(r.finish_reason),
                 "passes_per_token": r.iterations / max(r.new_tokens, 1),
             }
             for r in results
@@ -283,8 +269,7 @@ async def _stream(
             for k, (i, res) in enumerate(zip(targets, results)):
                 if rest := texts[k].finish(res.text):
                     yield chunk(i, {"content": rest})
-                if res.finish_reason != "stop":
-                    finish[i] = "length"
+                finish[i] = refined_finish_reason(res.finish_reason)
             diffpo = _stats(state, results, stats)
         finally:
             if not task.done():  # the client went away mid-stream: stop spending compute

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 from opentelemetry import trace
 from starlette.requests import Request
 
+from ..engine_protocol import RefinerEngineProtocol
 from ..errors import InvalidRequestError
 from ..protocol import RefineOptions
 from .batcher import Batcher, OptionsKey
@@ -33,7 +34,7 @@ class ServerState:
     config: ServerConfig
     metrics: Metrics
     tracer: trace.Tracer
-    engine: Any = None
+    engine: RefinerEngineProtocol | None = None
     batcher: Batcher | None = None
     load_error: str | None = None
     started: float = field(default_factory=time.time)
