@@ -146,7 +146,14 @@ def test_agent_history_becomes_text_turns(echo):
 
 def test_bad_options_fail_at_construction():
     with pytest.raises(ValueError, match="block_size"):  # pydantic's ValidationError
-        DiffPORefiner(endpoint="http://127.0.0.1:1", block_size=64, max_new_tokens=32)
+        DiffPORefiner(endpoint="http://127.0.0.1:1", block_size=0, max_new_tokens=32)
+
+
+def test_block_wider_than_the_answer_is_clamped(echo):
+    out = DiffPORefiner(endpoint=echo, block_size=64, max_new_tokens=32).invoke(
+        {"prompt": "q", "draft": AIMessage(content="x")})
+    assert out.response_metadata["diffpo"]["refined"] is True
+    assert out.response_metadata["diffpo"]["block_size"] == 32
 
 
 def test_configurable_fields(echo):

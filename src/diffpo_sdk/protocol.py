@@ -82,10 +82,9 @@ class RefineOptions(BaseModel):
         if self.block_size != "auto":
             if not isinstance(self.block_size, int) or self.block_size < 1:
                 raise ValueError(f"block_size must be 'auto' or an integer >= 1, got {self.block_size!r}")
-            if self.block_size > self.max_new_tokens:
-                raise ValueError(
-                    f"block_size ({self.block_size}) cannot exceed max_new_tokens ({self.max_new_tokens})"
-                )
+            # a block wider than the answer is the whole answer: clamp it, so a client configured
+            # once with a wide block still refines short answers
+            self.block_size = min(self.block_size, self.max_new_tokens)
         return self
 
 
