@@ -129,6 +129,10 @@ def test_choices_are_validated_once(tmp_path: Path) -> None:
             parse_config(["--data", "x.jsonl", "--output-dir", str(tmp_path), "--use-cpu", "true", flag, bad])
     ok = parse_config(["--data", "x.jsonl", "--output-dir", str(tmp_path), "--use-cpu", "true", "--guard-action", "warn"])
     assert ok.guard_action == "warn"
+    bare = parse_config(["--data", "x.jsonl", "--recipe", "paper", "--guard", "--output-dir", str(tmp_path), "--use-cpu", "true"])
+    assert bare.guard is True and bare.recipe_overrides.get("guard") is True
+    off = parse_config(["--data", "x.jsonl", "--guard", "false", "--output-dir", str(tmp_path), "--use-cpu", "true"])
+    assert off.guard is False
 
 
 def test_loss_defaults_are_the_config_defaults(tiny_llama_dir: str, tmp_path: Path) -> None:

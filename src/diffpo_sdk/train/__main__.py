@@ -32,6 +32,23 @@ def read_config_file(path: str) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in cfg.items()}
 
 
+def bare_switches_true(argv: list[str], config_cls: type) -> list[str]:
+    """``--guard`` alone means ``--guard true``. A switch whose default comes from the recipe is
+    ``bool | None``, and argparse (through ``HfArgumentParser``) then wants a value after it."""
+    import typing
+    from dataclasses import fields
+
+    hints = typing.get_type_hints(config_cls)
+    switches = {f"--{spelling}" for f in fields(config_cls) if hints.get(f.name) == (bool | None)
+                for spelling in (f.name, f.name.replace("_", "-"))}
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        if arg in switches and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            out.append("true")
+    return out
+
+
 def parse_config(argv: list[str]) -> Any:
     """Flags, over a ``--config`` file's values, over the recipe's, over the built-in defaults.
 
@@ -52,6 +69,7 @@ def parse_config(argv: list[str]) -> Any:
         argv = argv[:i] + argv[i + 2:]
     elif len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
         file_values, argv = read_config_file(argv[0]), []
+    argv = bare_switches_true(argv, DiffPOConfig)
     known = {f.name for f in fields(DiffPOConfig) if f.init}
     unknown = sorted(set(file_values) - known)
     if unknown:
