@@ -15,6 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from diffpo_sdk.shared_data import ALPACA_PREFERENCES, shared_file
 from diffpo_sdk.train import data
 
 INLINE = [
@@ -29,9 +30,9 @@ INLINE = [
 
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="diffpo-example-"))
-    shared = data.shared_data_dir() / "alpaca_eval" / "multi_model_preferences.jsonl.gz"
-    src = shared if shared.is_file() else work / "scored.jsonl"
-    if not shared.is_file():
+    shared = shared_file(ALPACA_PREFERENCES)
+    src = shared if shared is not None else work / "scored.jsonl"
+    if shared is None:
         src.write_text("".join(json.dumps(r) + "\n" for r in INLINE))
     traj = work / "traj.jsonl"
     data.main(["build", "--from-scored", str(src), "--output", str(traj), "--limit", "12"])

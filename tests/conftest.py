@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from diffpo_sdk.shared_data import shared_data_dir
+
+SHARED_DATA = shared_data_dir() or Path(__file__).resolve().parents[2] / "shared" / "data"
 ALPACA = SHARED_DATA / "alpaca_eval" / "multi_model_preferences.jsonl.gz"
 HH = SHARED_DATA / "hh_rlhf" / "harmless_base_pairs.jsonl.gz"
 

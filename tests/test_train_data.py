@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from diffpo_sdk.shared_data import shared_data_dir
+
 from diffpo_sdk.train import data
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = shared_data_dir() or Path(__file__).resolve().parents[2] / "shared" / "data"
 ALPACA = SHARED / "alpaca_eval" / "multi_model_preferences.jsonl.gz"
 HH = SHARED / "hh_rlhf" / "harmless_base_pairs.jsonl.gz"
 

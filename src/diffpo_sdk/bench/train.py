@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from ..engine.loading import load_model_and_tokenizer, resolve_device
-    from ..train.data import from_scored, load_trajectories, shared_data_dir
+    from ..shared_data import ALPACA_PREFERENCES, shared_file
+    from ..train.data import from_scored, load_trajectories
     from ..train.loss import diffpo_loss, frontier_rows
     from ..train.trainer import DiffPOCollator, TrajectoryDataset
 
@@ -40,9 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.data:
         records = load_trajectories(args.data)[: args.batch_size]
     else:
-        path = shared_data_dir() / "alpaca_eval" / "multi_model_preferences.jsonl.gz"
-        if not path.is_file():
-            print(f"no --data given and {path} is missing", file=sys.stderr)
+        path = shared_file(ALPACA_PREFERENCES)
+        if path is None:
+            print(f"no --data given and the shared data's {ALPACA_PREFERENCES} is missing", file=sys.stderr)
             return 2
         records = [r for _, r in zip(range(args.batch_size), from_scored(path))]
     model, tok, _ = load_model_and_tokenizer(args.model, device=device, dtype=torch.float32)

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..protocol import parse_block_size
+
 log = logging.getLogger("diffpo_sdk.train")
 
 
@@ -230,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     train_ds, eval_ds, held_states, stop, generator = build_datasets(cfg, model, tok)
     log.info("%d training prompts, %d held out, source=%s", len(train_ds), len(eval_ds), cfg.trajectory_source)
 
-    block: int | str = cfg.max_response_tokens if cfg.eval_block_size == "full" else (
-        cfg.eval_block_size if cfg.eval_block_size == "auto" else int(cfg.eval_block_size))
+    block: int | str = (cfg.max_response_tokens if cfg.eval_block_size == "full"
+                        else parse_block_size(cfg.eval_block_size))
     loss_kw = loss_kwargs(cfg)
     columns: dict[str, dict[str, float]] = {}
     resume = cfg.resume_from_checkpoint

@@ -63,11 +63,6 @@ class BuildStats:
         return out
 
 
-def shared_data_dir() -> Path:
-    """``../shared/data`` next to the repository checkout (where the project's real data lives)."""
-    return Path(__file__).resolve().parents[4] / "shared" / "data"
-
-
 def open_text(path: str | Path):
     path = Path(path)
     return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")

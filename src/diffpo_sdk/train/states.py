@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..generation import generate_cut
 from .loss import pad_answer, position_ids
 
 log = logging.getLogger(__name__)
@@ -46,15 +47,9 @@ def greedy_answers(model: Any, prompts: list[list[int]], n: int, stop_ids: set[i
     out = []
     for i in range(0, len(prompts), batch_size):
         ids, mask = _left_pad(prompts[i:i + batch_size], pad)
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=n,
-                             do_sample=False, pad_token_id=pad, eos_token_id=sorted(stop_ids))
-        for row in gen[:, ids.shape[1]:].tolist():
-            ans = []
-            for t in row:
-                ans.append(int(t))
-                if t in stop_ids:
-                    break
-            out.append(ans)
+        rows = generate_cut(model, ids.to(device), mask.to(device), max_new_tokens=n, stop_ids=stop_ids,
+                            pad_id=pad, keep_stop=True)
+        out += [ans for ans, _ in rows]
     return out
 
 
