@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..engine import RefineResult, RefinerEngine
-from ..engine.jacobi import Row
+from ..engine.row import Row
 from ..engine.templating import draft_ids, prompt_ids
 from ..protocol import RefineItem
 
@@ -56,7 +56,7 @@ def official_jacobi(engine: RefinerEngine, item: dict[str, Any], max_new_tokens:
     whole prompt and answer re-run every iteration, a block iterated until it stops changing."""
     parsed = RefineItem.model_validate(item)
     prompt = prompt_ids(engine.tokenizer, parsed.conversation())
-    draft = engine._initial_guess(draft_ids(engine.tokenizer, parsed.draft), max_new_tokens)
+    draft = engine.initial_guess(draft_ids(engine.tokenizer, parsed.draft), max_new_tokens)
     answer: list[int] = []
     passes = 0
     t0 = time.perf_counter()

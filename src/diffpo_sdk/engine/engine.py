@@ -13,9 +13,11 @@ import torch
 from ..errors import ContextLengthError, InvalidRequestError
 from ..protocol import BlockSize, RefinedItem, RefineItem, RefineOptions, coerce_items
 from . import templating
-from .jacobi import Row, Spelling, jacobi_decode
+from .alignment import Draft, Spelling
+from .jacobi import jacobi_decode
 from .loading import load_model_and_tokenizer, resolve_device, resolve_dtype
 from .policy import BlockPolicy
+from .row import Row
 
 
 @dataclass
@@ -172,8 +174,8 @@ class RefinerEngine:
             for n, item in enumerate(self._parse(items), first):
                 prompt, prefix, draft = self.encode(item, opts.keep_draft_prefix)
                 self._check_length(n, len(prompt) + len(prefix), opts.max_new_tokens)
-                guess = self._initial_guess(draft, opts.max_new_tokens)
-                row = Row(prompt=prompt + prefix, guess=guess, draft=draft, spelling=self.spelling)
+                guess = self.initial_guess(draft, opts.max_new_tokens)
+                row = Row(prompt=prompt + prefix, guess=guess, draft=Draft(draft, self.spelling))
                 pending[n] = (row, prefix, time.perf_counter())
                 count = n + 1
             return list(range(first, count))
@@ -244,10 +246,12 @@ class RefinerEngine:
         row.iterations = len(row.answer)
         return self._result(row, [], time.perf_counter() - t0)
 
-    def _initial_guess(self, draft: list[int], n: int) -> list[int]:
+    def initial_guess(self, draft: list[int], n: int) -> list[int]:
         """The draft cut or padded to N positions; the stop token right after it lets a
         refiner that agrees with the draft verify the end in the same pass."""
         return draft[:n] + [self.eot] * max(0, n - len(draft))
+
+    _initial_guess = initial_guess  # the old private name, still used by tests/test_train_loss.py
 
     def _result(self, row: Row, prefix: list[int], seconds: float) -> RefineResult:
         answer = row.answer[:-1] if row.answer and row.answer[-1] in self.stop_ids else row.answer
