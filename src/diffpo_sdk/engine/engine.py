@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ from .jacobi import jacobi_decode
 from .loading import load_model_and_tokenizer, resolve_device, resolve_dtype
 from .policy import BlockPolicy
 from .row import Row
+from .streaming import IncrementalDecoder, StreamDelta
 
 
 @dataclass
@@ -46,6 +48,14 @@ class RefineResult:
             converged=self.converged,
             finish_reason="stop" if self.finish_reason == "stop" else "length",
         )
+
+
+def clamp_block(block_size: BlockSize, max_new_tokens: int) -> BlockSize:
+    """A block wider than the whole answer decodes the whole answer: clamp it to
+    ``max_new_tokens``, so a client set up once with ``block_size=64`` also works on short answers."""
+    if isinstance(block_size, int) and not isinstance(block_size, bool) and max_new_tokens >= 1:
+        return min(block_size, max_new_tokens)
+    return block_size
 
 
 class RefinerEngine:
@@ -151,6 +161,7 @@ class RefinerEngine:
         only (the returned list holds the items passed in), so a batch that never drains
         keeps nothing of the items it finished.
         """
+        block_size = clamp_block(block_size, max_new_tokens)
         try:
             opts = RefineOptions(
                 block_size=block_size,
@@ -220,6 +231,60 @@ class RefinerEngine:
                     on_finish=lambda j, f=index: finish(f(j)),
                 )
         return [results[i] for i in range(n_items)]
+
+    def refine_stream(
+        self,
+        items: Sequence[RefineItem | dict[str, Any]],
+        *,
+        block_size: BlockSize = "auto",
+        max_new_tokens: int = 256,
+        max_iterations: int | None = None,
+        keep_draft_prefix: int = 0,
+    ) -> Iterator[StreamDelta]:
+        """``refine`` as a stream: after each pass, a ``StreamDelta`` per item that verified
+        tokens, and one last delta per item carrying its ``RefineResult``.
+
+        Per item the deltas' texts add up to ``result.text`` byte for byte, and their token
+        ids to ``result.token_ids`` (a kept draft prefix comes first). Decoding runs on a
+        worker thread; closing the generator early cancels the items not yet done.
+        """
+        parsed = self.check_items(items, max_new_tokens=max_new_tokens, keep_draft_prefix=keep_draft_prefix)
+        events: queue.Queue[tuple[str, Any, Any]] = queue.Queue()
+        closed = threading.Event()
+        options = dict(block_size=block_size, max_new_tokens=max_new_tokens, max_iterations=max_iterations,
+                       keep_draft_prefix=keep_draft_prefix)
+
+        def run() -> None:
+            try:
+                self.refine(parsed, **options, on_tokens=lambda i, t: events.put(("tokens", i, t)),
+                            on_result=lambda i, r: events.put(("result", i, r)), is_cancelled=lambda i: closed.is_set())
+            except BaseException as e:  # noqa: BLE001 (re-raised in the caller's thread)
+                events.put(("error", e, None))
+            else:
+                events.put(("end", None, None))
+
+        worker = threading.Thread(target=run, name="diffpo-refine-stream", daemon=True)
+        worker.start()
+        decoders = [IncrementalDecoder(self.tokenizer, self.stop_ids) for _ in parsed]
+        prefixes = [self.encode(item, keep_draft_prefix)[1] for item in parsed]
+        try:
+            while True:
+                kind, i, payload = events.get()
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise i
+                ids = [t for t in payload if t not in self.stop_ids] if kind == "tokens" else []
+                if prefixes[i] is not None:  # the kept draft prefix opens the answer
+                    ids, prefixes[i] = prefixes[i] + ids, None
+                text = decoders[i].step(ids)
+                if kind == "result":
+                    yield StreamDelta(i, ids, text + decoders[i].finish(payload.text), result=payload)
+                elif ids or text:
+                    yield StreamDelta(i, ids, text)
+        finally:
+            closed.set()
+            worker.join()
 
     def generate(self, item: RefineItem | dict[str, Any], *, max_new_tokens: int = 256) -> RefineResult:
         """The baseline every speed figure is measured against: transformers' greedy
