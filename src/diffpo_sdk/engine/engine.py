@@ -193,7 +193,7 @@ class RefinerEngine:
 
         def finish(i: int) -> None:
             row, prefix, t0 = pending.pop(i)
-            result = self._result(row, prefix, time.perf_counter() - t0)
+            result = self.result_of(row, prefix, time.perf_counter() - t0)
             if i < n_items:
                 results[i] = result
             if on_result is not None:
@@ -309,7 +309,7 @@ class RefinerEngine:
                 row.finish_reason = "stop"
                 break
         row.iterations = len(row.answer)
-        return self._result(row, [], time.perf_counter() - t0)
+        return self.result_of(row, [], time.perf_counter() - t0)
 
     def initial_guess(self, draft: list[int], n: int) -> list[int]:
         """The draft cut or padded to N positions; the stop token right after it lets a
@@ -318,7 +318,8 @@ class RefinerEngine:
 
     _initial_guess = initial_guess  # the old private name, still used by tests/test_train_loss.py
 
-    def _result(self, row: Row, prefix: list[int], seconds: float) -> RefineResult:
+    def result_of(self, row: Row, prefix: list[int], seconds: float) -> RefineResult:
+        """A decoded row as a result: the kept prefix first, the stop token cut, the text decoded."""
         answer = row.answer[:-1] if row.answer and row.answer[-1] in self.stop_ids else row.answer
         ids = prefix + answer
         return RefineResult(
