@@ -1,4 +1,4 @@
-"""``diffpo bench <speed|serve|client|train>``."""
+"""``diffpo bench <speed|serve|client|train|check>``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ SUITES = {
     "serve": "diffpo_sdk.bench.serve",
     "client": "diffpo_sdk.bench.client",
     "train": "diffpo_sdk.bench.train",
+    "check": "diffpo_sdk.bench.check",
 }
 
 
