@@ -123,9 +123,9 @@ def test_answers_padded_like_engine_drafts(tiny) -> None:
     engine = RefinerEngine(model, tok)
     ds = TrajectoryDataset(RECORDS, tok, n=8)
     ids = tok("Blue is a colour.", add_special_tokens=False)["input_ids"]
-    assert ds.padded(ds._answer(tok, "Blue is a colour.")) == engine._initial_guess(ids, 8)
+    assert ds.padded(ds._answer(tok, "Blue is a colour.")) == engine.initial_guess(ids, 8)
     long = ids * 5
-    assert ds.padded(ds._answer(tok, tok.decode(long))) == engine._initial_guess(long, 8)
+    assert ds.padded(ds._answer(tok, tok.decode(long))) == engine.initial_guess(long, 8)
     assert pad_answer([5, 6], 4, 2) == [5, 6, 2, 2]
 
 

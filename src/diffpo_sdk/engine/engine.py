@@ -316,8 +316,6 @@ class RefinerEngine:
         refiner that agrees with the draft verify the end in the same pass."""
         return draft[:n] + [self.eot] * max(0, n - len(draft))
 
-    _initial_guess = initial_guess  # the old private name, still used by tests/test_train_loss.py
-
     def result_of(self, row: Row, prefix: list[int], seconds: float) -> RefineResult:
         """A decoded row as a result: the kept prefix first, the stop token cut, the text decoded."""
         answer = row.answer[:-1] if row.answer and row.answer[-1] in self.stop_ids else row.answer
