@@ -223,7 +223,7 @@ def test_bad_input_gets_a_typed_error_and_fail_open_keeps_the_draft(tiny_server)
         assert out.text == "my draft" and not out.refined
         assert out.info["error"].startswith("ContextLengthError")
         with pytest.raises(InvalidRequestError, match="block_size"):
-            client.refine([item], block_size=64, max_new_tokens=16)  # caught before any request
+            client.refine([item], block_size=0, max_new_tokens=16)  # caught before any request
 
 
 def test_api_key_is_sent(tiny_engine):

@@ -370,7 +370,12 @@ def test_traceparent_makes_server_spans_children_of_the_client(tiny_engine, star
     ctx = client_span.get_span_context()
     assert server.parent.span_id == ctx.span_id and server.context.trace_id == ctx.trace_id
     queue, batch = spans["diffpo.server.queue"], spans["diffpo.engine.batch"]
-    assert queue.parent.span_id == server.context.span_id and batch.parent.span_id == server.context.span_id
+    assert queue.context.trace_id == batch.context.trace_id == ctx.trace_id
+    assert queue.parent.span_id == batch.parent.span_id  # both under the request's innermost span:
+    # the server span, or FastAPI's own "fastapi.endpoint" span under it when a global SDK
+    # provider is installed (another test file does; that span goes to the global provider)
+    recorded = {s.context.span_id for s in exporter.get_finished_spans()}
+    assert queue.parent.span_id == server.context.span_id or queue.parent.span_id not in recorded
     items = r.json()["items"]
     assert batch.attributes["diffpo.batch_size"] == 2
     assert batch.attributes["diffpo.passes"] == max(i["iterations"] for i in items)
