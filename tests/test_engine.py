@@ -13,7 +13,8 @@ import torch
 
 from diffpo_sdk.engine import RefinerEngine
 from diffpo_sdk.engine.loading import SMOLLM2_INSTALL, resolve_model_path, smollm2_gguf_path
-from diffpo_sdk.engine.jacobi import Row, Spelling
+from diffpo_sdk.engine.alignment import Draft, Spelling
+from diffpo_sdk.engine.row import Row
 from diffpo_sdk.engine.policy import BlockPolicy
 from diffpo_sdk.errors import ContextLengthError, InvalidRequestError, ModelNotFoundError
 
@@ -51,7 +52,6 @@ def test_bad_items_raise_clear_errors(tiny, item, message):
     "options, message",
     [
         ({"block_size": 0}, "block_size"),
-        ({"block_size": 64, "max_new_tokens": 8}, "cannot exceed"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"max_iterations": 0}, "max_iterations"),
         ({"keep_draft_prefix": -1}, "keep_draft_prefix"),
@@ -61,6 +61,14 @@ def test_bad_items_raise_clear_errors(tiny, item, message):
 def test_bad_options_raise_clear_errors(tiny, options, message):
     with pytest.raises(InvalidRequestError, match=message):
         tiny.refine([{"prompt": "hi", "draft": ""}], **options)
+
+
+def test_a_block_wider_than_the_answer_is_clamped_not_rejected(tiny):
+    item = {"prompt": "Tell me a story.", "draft": "Once upon a time"}
+    (wide,) = tiny.refine([item], block_size=64, max_new_tokens=8)
+    (exact,) = tiny.refine([item], block_size=8, max_new_tokens=8)
+    assert wide.token_ids == exact.token_ids == greedy_reference(tiny, item, 8)
+    assert wide.iterations == exact.iterations
 
 
 def test_prompt_longer_than_context_is_rejected_before_compute(tiny):
@@ -89,7 +97,7 @@ def test_max_batch_size_splits_without_changing_outputs(tiny_llama_dir):
 def test_rows_join_a_running_batch_and_stay_exact(tiny_llama_dir, monkeypatch):
     """Continuous batching: items handed over between passes join the running batch; every
     answer stays greedy, results arrive as items finish, and dead cache slots are cut."""
-    from diffpo_sdk.engine import jacobi
+    from diffpo_sdk.engine.kvcache import BatchCache
 
     engine = RefinerEngine.from_pretrained(tiny_llama_dir, device="cpu", dtype="float32", calibrate=False, max_batch_size=3)
     items = [{"prompt": f"Tell me about item number {k}. " * (1 + k % 4), "draft": f"It is {k}."} for k in range(9)]
@@ -103,8 +111,8 @@ def test_rows_join_a_running_batch_and_stay_exact(tiny_llama_dir, monkeypatch):
         return handed
 
     cuts = []
-    real_slice = jacobi._slice_slots
-    monkeypatch.setattr(jacobi, "_slice_slots", lambda cache, lo: (cuts.append(lo), real_slice(cache, lo)))
+    real_cut = BatchCache.cut_front
+    monkeypatch.setattr(BatchCache, "cut_front", lambda self, lo: (cuts.append(lo), real_cut(self, lo)))
     delivered: list[tuple[int, int]] = []  # (item, items still waiting then)
     got = {}
 
@@ -134,7 +142,7 @@ def test_a_batch_that_never_drains_forgets_its_finished_rows(tiny):
 
     def make(k: int) -> Row:
         prompt, _, draft = tiny.encode(RefineItem(prompt=f"Question {k}?", draft="A draft."))
-        return Row(prompt=prompt, guess=tiny._initial_guess(draft, 6), draft=draft)
+        return Row(prompt=prompt, guess=tiny.initial_guess(draft, 6), draft=Draft(draft))
 
     waiting = [make(k) for k in range(1, 10)]
     first = make(0)
@@ -265,20 +273,19 @@ def test_a_tokenization_miss_rewrites_the_rest_of_the_draft(smollm2_path):
     draft = tok(text, add_special_tokens=False)["input_ids"]
     nl, nlnl = spelling.ids["Ċ"], spelling.ids["ĊĊ"]
     assert draft.count(nl) == 6 and nlnl not in draft  # the split this rule exists for
-    row = Row(prompt=[1], guess=list(draft), draft=list(draft), spelling=spelling)
+    row = Row(prompt=[1], guess=list(draft), draft=Draft(draft, spelling))
     at = draft.index(nl)
     row.answer = draft[:at] + [nlnl]  # the refiner wrote one "\n\n" token where the draft has two
-    row.cursor = at + 1
-    row.retokenize(nlnl, draft[at : at + 4])
-    row.realign(64)
-    assert row.draft.count(nlnl) == 3 and nl not in row.draft
-    assert tok.decode(row.draft) == text  # same text, the refiner's tokens
-    assert row.guess[len(row.answer) : len(row.draft)] == row.draft[len(row.answer) :]
+    row.draft.cursor = at + 1
+    assert row.draft.retokenize(nlnl, draft[at : at + 4])
+    row.draft.realign(row.answer, row.guess, 64)
+    assert row.draft.tokens.count(nlnl) == 3 and nl not in row.draft.tokens
+    assert tok.decode(row.draft.tokens) == text  # same text, the refiner's tokens
+    assert row.guess[len(row.answer) : len(row.draft.tokens)] == row.draft.tokens[len(row.answer) :]
     # the other way round: the draft's one token is split by the refiner
-    merged = list(row.draft)
-    back = Row(prompt=[1], guess=list(merged), draft=list(merged), spelling=spelling)
-    back.retokenize(nl, [nlnl])
-    assert back.draft.count(nl) == 6 and tok.decode(back.draft) == text
+    back = Draft(row.draft.tokens, spelling)
+    assert back.retokenize(nl, [nlnl])
+    assert back.tokens.count(nl) == 6 and tok.decode(back.tokens) == text
 
 
 def test_refine_cli_writes_one_line_per_item(tiny_llama_dir, tmp_path):

@@ -9,7 +9,9 @@ import torch
 
 from diffpo_sdk.engine import RefinerEngine
 
-from engine_oracle import greedy_reference
+from engine_oracle import ORACLE_ITEMS, greedy_reference
+
+from diffpo_sdk.bench.speed import bundled_drafts
 
 N = 40  # answer budget for the real-model sweep; block sizes below include N itself
 
@@ -21,27 +23,11 @@ def smol(smollm2_path: str) -> RefinerEngine:
 
 
 @pytest.fixture(scope="module")
-def real_items(alpaca_rows: list[dict]) -> list[dict]:
-    """20 real prompts, each with a real draft from a different model than its neighbour,
-    in a mix of prompt lengths, plus multi-turn, empty and very long drafts."""
-    items = []
-    for n, row in enumerate(alpaca_rows[:17]):
-        answer = row["responses"][n % len(row["responses"])]["output"]
-        items.append({"prompt": row["instruction"], "draft": answer})
-    items.append({"prompt": alpaca_rows[20]["instruction"], "draft": ""})
-    items.append({"prompt": alpaca_rows[21]["instruction"], "draft": alpaca_rows[21]["responses"][0]["output"] * 4})
-    items.append(
-        {
-            "messages": [
-                {"role": "system", "content": "You answer in one short paragraph."},
-                {"role": "user", "content": alpaca_rows[22]["instruction"]},
-                {"role": "assistant", "content": alpaca_rows[22]["responses"][1]["output"][:300]},
-                {"role": "user", "content": "Now say it more briefly."},
-            ],
-            "draft": "In short:",
-        }
-    )
-    return items
+def real_items() -> list[dict]:
+    """20 items written for these tests (no shared data needed): the package's bundled drafts,
+    drafts that disagree with the refiner in wording, order and length, multi-byte text,
+    multi-turn, empty and very long drafts, in a mix of prompt lengths."""
+    return [*bundled_drafts(), *ORACLE_ITEMS]
 
 
 @pytest.fixture(scope="module")
@@ -102,11 +88,15 @@ def test_fixed_point_drafts_are_verified_in_a_few_passes(smol, real_items, refer
 
 @pytest.mark.slow
 def test_kept_draft_prefix_is_fixed_and_rest_is_greedy(smol, real_items):
-    item = real_items[3]
+    from diffpo_sdk.engine.templating import draft_ids
+
+    item = real_items[10]
     ref = greedy_reference(smol, item, N, keep_draft_prefix=5)
     (res,) = smol.refine([item], block_size=8, max_new_tokens=N, keep_draft_prefix=5)
     assert res.token_ids == ref
-    assert res.new_tokens <= N
+    kept = draft_ids(smol.tokenizer, item["draft"])[:5]
+    assert len(kept) == 5 and res.token_ids[:5] == kept  # the kept tokens open the answer unchanged
+    assert res.new_tokens == len(ref) - 5 + int(res.finish_reason == "stop")  # only the rest is decoded
 
 
 @pytest.mark.slow
@@ -156,18 +146,73 @@ def _tiny(arch: str, tokenizer_dir: str, tmp_path) -> RefinerEngine:
 
 
 @pytest.mark.parametrize("arch", ["gemma2", "llama3", "qwen2"])
-def test_tiny_architectures_equal_greedy(arch, smollm2_path, tmp_path, alpaca_rows):
+def test_tiny_architectures_equal_greedy(arch, smollm2_path, tmp_path):
     engine = _tiny(arch, smollm2_path, tmp_path)
     n = 48  # with ~40 prompt tokens this runs well past Gemma-2's 12-token sliding window
     items = [
-        {"prompt": alpaca_rows[0]["instruction"], "draft": alpaca_rows[0]["responses"][2]["output"]},
+        ORACLE_ITEMS[0],
         {"prompt": "Hi", "draft": ""},
         {"messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
-                      {"role": "user", "content": alpaca_rows[1]["instruction"]}],
-         "draft": alpaca_rows[1]["responses"][0]["output"][:80]},
+                      {"role": "user", "content": ORACLE_ITEMS[1]["prompt"]}],
+         "draft": ORACLE_ITEMS[1]["draft"][:80]},
     ]
     refs = [greedy_reference(engine, it, n) for it in items]
     assert len(set(map(tuple, refs))) == 3  # the random model does not collapse to one output
     for block in (1, 5, 16, n, "auto"):
         got = [r.token_ids for r in engine.refine(items, block_size=block, max_new_tokens=n)]
         assert got == refs, f"{arch}: block {block}"
+
+
+# -- an iteration cap means what the paper means ------------------------------------------------
+
+
+def plain_capped_jacobi(engine: RefinerEngine, item: dict, n: int, block: int, cap: int) -> list[int]:
+    """The paper's blockwise Jacobi written from its definition: no cache, the whole sequence
+    re-run every iteration, every position of the block replaced at once, at most ``cap``
+    iterations per block, and a block cut short outputs its latest iterate."""
+    from diffpo_sdk.protocol import RefineItem
+
+    prompt, _, draft = engine.encode(RefineItem.model_validate(item))
+    init = engine.initial_guess(draft, n)  # the draft cut or padded to n (stop token after it)
+    out: list[int] = []
+    for s in range(0, n, block):
+        y = init[s : min(s + block, n)]
+        for _ in range(cap):
+            ctx = prompt + out
+            logits = engine.model(input_ids=torch.tensor([ctx + y])).logits[0]
+            new = logits[len(ctx) - 1 : len(ctx) - 1 + len(y)].argmax(-1).tolist()
+            if new == y:
+                break
+            y = new
+        out += y
+        stops = [k for k, t in enumerate(out) if t in engine.stop_ids]
+        if stops:
+            return out[: stops[0]]
+    return out
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("block, cap", [(4, 1), (8, 2), (16, 3)])
+def test_capped_blocks_output_the_latest_jacobi_iterate(tiny_llama_dir, block, cap):
+    engine = RefinerEngine.from_pretrained(tiny_llama_dir, device="cpu", dtype="float32", calibrate=False)
+    n = 24
+    items = [ORACLE_ITEMS[0], ORACLE_ITEMS[2], {"prompt": "Hi", "draft": ""}]
+    refs = [plain_capped_jacobi(engine, it, n, block, cap) for it in items]
+    assert refs != [greedy_reference(engine, it, n) for it in items]  # the cap does cut blocks short here
+    got = engine.refine(items, block_size=block, max_new_tokens=n, max_iterations=cap)  # batched
+    assert [r.token_ids for r in got] == refs
+    alone = [engine.refine([it], block_size=block, max_new_tokens=n, max_iterations=cap)[0] for it in items]
+    assert [r.token_ids for r in alone] == refs
+    assert any(not r.converged for r in got)
+
+
+@torch.inference_mode()
+@pytest.mark.slow
+def test_capped_blocks_output_the_latest_jacobi_iterate_on_smollm2(smol):
+    items = [ORACLE_ITEMS[4], ORACLE_ITEMS[5]]
+    for block, cap in [(8, 1), (16, 2)]:
+        refs = [plain_capped_jacobi(smol, it, 32, block, cap) for it in items]
+        assert [r.token_ids for r in smol.refine(items, block_size=block, max_new_tokens=32, max_iterations=cap)] == refs
+    # adaptive mode under a cap iterates blocks of 32, as block_size=32 does
+    refs = [plain_capped_jacobi(smol, it, 32, 32, 2) for it in items]
+    assert [r.token_ids for r in smol.refine(items, max_new_tokens=32, max_iterations=2)] == refs

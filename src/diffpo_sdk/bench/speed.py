@@ -6,6 +6,10 @@ Same model, prompts, drafts and machine in one run. Three kinds of draft:
 - ``fixed``: the refiner's own greedy answers, i.e. drafts already at the fixed point;
 - ``random``: random tokens.
 
+Two kinds of conversation (``--conversations``): ``single`` (one user turn) and ``two-turn``
+(a second user turn after a first answer of 200+ tokens, as in a chat: a long context, with
+the draft written by another model than the first answer).
+
 Reported per configuration: forward passes per token, tokens decided per pass, and the
 wall-clock ratio against HF ``generate`` (above 1 is faster). Also 8 requests batched
 against the same 8 one by one, and the official repository's no-cache Jacobi (whole prompt
@@ -26,7 +30,7 @@ from typing import Any
 import torch
 
 from ..engine import RefineResult, RefinerEngine
-from ..engine.jacobi import Row
+from ..engine.row import Row
 from ..engine.templating import draft_ids, prompt_ids
 from ..protocol import RefineItem
 
@@ -45,6 +49,42 @@ def load_prompts(path: Path | None, n: int, seed: int = 0) -> list[dict[str, str
     return bundled_drafts()[:n]
 
 
+FOLLOW_UPS = ("Thanks. Next question: {}", "{}", "Different topic now. {}")
+
+
+def load_two_turn(path: Path | None, n: int, tokenizer: Any, seed: int = 0, min_first: int = 200) -> list[dict[str, Any]]:
+    """Second turns of real conversations: a user turn, a first answer of at least ``min_first``
+    tokens by one model, a new user question, and another model's answer to it as the draft.
+    Without the shared file, the bundled items stand in (their first answers are short)."""
+    path = path or DEFAULT_DATA
+    if not path.is_file():
+        items = bundled_drafts()
+        singles = [it for it in items if "prompt" in it]
+        return [{"messages": [{"role": "user", "content": a["prompt"]}, {"role": "assistant", "content": a["draft"]},
+                              {"role": "user", "content": b["prompt"]}], "draft": b["draft"]}
+                for a, b in zip(singles, singles[1:] + singles[:1])][:n]
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    rng = random.Random(seed)
+    rng.shuffle(rows)
+    out: list[dict[str, Any]] = []
+    for first, second in zip(rows[0::2], rows[1::2]):
+        longs = [r for r in first["responses"] if len(tokenizer(r["output"], add_special_tokens=False)["input_ids"]) >= min_first]
+        if not longs:
+            continue
+        answer = rng.choice(longs)
+        others = [r for r in second["responses"] if r.get("model") != answer.get("model")] or second["responses"]
+        out.append({
+            "messages": [{"role": "user", "content": first["instruction"]},
+                         {"role": "assistant", "content": answer["output"]},
+                         {"role": "user", "content": rng.choice(FOLLOW_UPS).format(second["instruction"])}],
+            "draft": rng.choice(others)["output"],
+        })
+        if len(out) >= n:
+            break
+    return out
+
+
 def bundled_drafts() -> list[dict[str, str]]:
     """A few prompts with deliberately plain drafts, shipped with the package."""
     path = Path(__file__).resolve().parents[1] / "data" / "drafts.jsonl"
@@ -56,7 +96,7 @@ def official_jacobi(engine: RefinerEngine, item: dict[str, Any], max_new_tokens:
     whole prompt and answer re-run every iteration, a block iterated until it stops changing."""
     parsed = RefineItem.model_validate(item)
     prompt = prompt_ids(engine.tokenizer, parsed.conversation())
-    draft = engine._initial_guess(draft_ids(engine.tokenizer, parsed.draft), max_new_tokens)
+    draft = engine.initial_guess(draft_ids(engine.tokenizer, parsed.draft), max_new_tokens)
     answer: list[int] = []
     passes = 0
     t0 = time.perf_counter()
@@ -78,15 +118,17 @@ def official_jacobi(engine: RefinerEngine, item: dict[str, Any], max_new_tokens:
             if stops:
                 break
     row = Row(prompt=prompt, guess=[], answer=answer, iterations=passes, finish_reason="stop")
-    return engine._result(row, [], time.perf_counter() - t0)
+    return engine.result_of(row, [], time.perf_counter() - t0)
 
 
-def _summarise(name: str, kind: str, results: list[RefineResult], seconds: float, hf_seconds: float) -> dict[str, Any]:
+def _summarise(name: str, kind: str, results: list[RefineResult], seconds: float, hf_seconds: float,
+               conversations: str = "single") -> dict[str, Any]:
     passes = sum(r.iterations for r in results)
     tokens = sum(r.new_tokens for r in results)
     return {
         "config": name,
         "drafts": kind,
+        "conversations": conversations,
         "passes_per_token": round(passes / max(tokens, 1), 4),
         "tokens_per_pass": round(tokens / max(passes, 1), 3),
         "seconds": round(seconds, 3),
@@ -109,7 +151,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     engine = RefinerEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     N = args.max_new_tokens
-    base = load_prompts(Path(args.data) if args.data else None, args.num_prompts)
+    data = Path(args.data) if args.data else None
+    settings = [c for c in args.conversations.split(",") if c]
+    if not set(settings) <= {"single", "two-turn"}:
+        raise SystemExit(f"--conversations: 'single' and/or 'two-turn', got {args.conversations!r}")
     blocks = list(dict.fromkeys(N if b == "N" else int(b) for b in args.blocks.split(",")))
     kinds = args.drafts.split(",")
     batch_blocks = [b if b == "auto" else int(b) for b in args.batch_blocks.split(",") if b]
@@ -117,42 +162,50 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     vocab = len(engine.tokenizer)
 
     official_blocks = [int(b) for b in args.official_blocks.split(",") if b]
-    steps = 3 + len(kinds) * (len(blocks) + 1) + len(batch_blocks) + (len(official_blocks) if args.official_prompts else 0)
+    steps = len(settings) * (1 + len(kinds) * (len(blocks) + 1)) + len(batch_blocks)
+    steps += len(official_blocks) if args.official_prompts else 0
     progress = tqdm(total=steps, desc="bench speed")
-    engine.refine(base[:1], block_size=8, max_new_tokens=8)  # warm-up
-    gen, hf_s = _timed(lambda: [engine.generate(it, max_new_tokens=N) for it in base])
-    progress.update(1)
-    drafts = {
-        "real": base,
-        "fixed": [{"prompt": it["prompt"], "draft": r.text} for it, r in zip(base, gen)],
-        "random": [
-            {"prompt": it["prompt"], "draft": engine.tokenizer.decode([rng.randrange(vocab) for _ in range(N)])}
-            for it in base
-        ],
-    }
-    progress.update(2)
     rows = []
-    gen_tokens = sum(r.new_tokens for r in gen)
-    rows.append({"config": "hf-generate", "drafts": "-", "passes_per_token": 1.0, "tokens_per_pass": 1.0,
-                 "seconds": round(hf_s, 3), "tokens_per_s": round(gen_tokens / hf_s, 2), "speedup_vs_generate": 1.0})
     mismatches = 0
-    # Interleaved: for every prompt, greedy generate and then each configuration run back to
-    # back, so a machine whose load drifts during the run slows all of them alike.
-    configs = [*blocks, "auto"]
-    for kind in kinds:
-        secs = dict.fromkeys(configs, 0.0)
-        results: dict = {c: [] for c in configs}
-        hf_kind = 0.0
-        for it, g in zip(drafts[kind], gen):
-            hf_kind += _timed(engine.generate, it, max_new_tokens=N)[1]
+    first_drafts: dict[str, list[dict[str, Any]]] = {}
+    for setting in settings:
+        base = load_prompts(data, args.num_prompts) if setting == "single" else load_two_turn(
+            data, args.num_prompts, engine.tokenizer)
+        engine.refine(base[:1], block_size=8, max_new_tokens=8)  # warm-up
+        gen, hf_s = _timed(lambda: [engine.generate(it, max_new_tokens=N) for it in base])
+        progress.update(1)
+
+        def with_draft(it: dict[str, Any], draft: str) -> dict[str, Any]:
+            return {**{k: v for k, v in it.items() if k != "draft"}, "draft": draft}
+
+        drafts = {
+            "real": base,
+            "fixed": [with_draft(it, r.text) for it, r in zip(base, gen)],
+            "random": [with_draft(it, engine.tokenizer.decode([rng.randrange(vocab) for _ in range(N)])) for it in base],
+        }
+        first_drafts = first_drafts or drafts
+        gen_tokens = sum(r.new_tokens for r in gen)
+        rows.append({"config": "hf-generate", "drafts": "-", "conversations": setting, "passes_per_token": 1.0,
+                     "tokens_per_pass": 1.0, "seconds": round(hf_s, 3), "tokens_per_s": round(gen_tokens / hf_s, 2),
+                     "speedup_vs_generate": 1.0})
+        # Interleaved: for every prompt, greedy generate and then each configuration run back to
+        # back, so a machine whose load drifts during the run slows all of them alike.
+        configs = [*blocks, "auto"]
+        for kind in kinds:
+            secs = dict.fromkeys(configs, 0.0)
+            results: dict = {c: [] for c in configs}
+            hf_kind = 0.0
+            for it, g in zip(drafts[kind], gen):
+                hf_kind += _timed(engine.generate, it, max_new_tokens=N)[1]
+                for block in configs:
+                    (res,), s = _timed(engine.refine, [it], block_size=block, max_new_tokens=N)
+                    secs[block] += s
+                    results[block].append(res)
+                    mismatches += res.token_ids != g.token_ids
             for block in configs:
-                (res,), s = _timed(engine.refine, [it], block_size=block, max_new_tokens=N)
-                secs[block] += s
-                results[block].append(res)
-                mismatches += res.token_ids != g.token_ids
-        for block in configs:
-            rows.append(_summarise(f"engine block={block}", kind, results[block], secs[block], hf_kind))
-            progress.update(1)
+                rows.append(_summarise(f"engine block={block}", kind, results[block], secs[block], hf_kind, setting))
+                progress.update(1)
+    drafts = first_drafts
 
     # 8 requests batched against the same 8 one by one (real drafts, adaptive and block 32)
     batch_items = (drafts["real"] * 8)[:8]
@@ -201,7 +254,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "model": engine.model_name,
         "dtype": str(engine.model.dtype),
         "max_new_tokens": N,
-        "num_prompts": len(base),
+        "num_prompts": args.num_prompts,
+        "conversations": settings,
         "rows": rows,
         "batching": batching,
         "official": official,
@@ -218,9 +272,9 @@ def machine_description(engine: RefinerEngine) -> str:
 def print_report(report: dict[str, Any]) -> None:
     print(f"\n{report['model']} on {report['machine']} ({report['dtype']}), N={report['max_new_tokens']}, "
           f"{report['num_prompts']} prompts")
-    print(f"{'config':<22}{'drafts':<8}{'passes/tok':>11}{'tok/pass':>10}{'tok/s':>9}{'vs generate':>13}")
+    print(f"{'config':<22}{'turns':<10}{'drafts':<8}{'passes/tok':>11}{'tok/pass':>10}{'tok/s':>9}{'vs generate':>13}")
     for r in report["rows"]:
-        print(f"{r['config']:<22}{r['drafts']:<8}{r['passes_per_token']:>11.3f}{r['tokens_per_pass']:>10.2f}"
+        print(f"{r['config']:<22}{r.get('conversations', 'single'):<10}{r['drafts']:<8}{r['passes_per_token']:>11.3f}{r['tokens_per_pass']:>10.2f}"
               f"{r['tokens_per_s']:>9.1f}{r['speedup_vs_generate']:>12.2f}x")
     for block, b in report["batching"].items():
         print(f"8 batched vs one by one (block={block}): {b['batched_tokens_per_s']} vs "
@@ -241,9 +295,14 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     engine_rows = [r for r in report["rows"] if r["drafts"] != "-"]
-    kinds = list(dict.fromkeys(r["drafts"] for r in engine_rows))
+
+    def label(r: dict[str, Any]) -> str:
+        turns = r.get("conversations", "single")
+        return r["drafts"] if turns == "single" else f"{r['drafts']}, {turns}"
+
+    kinds = list(dict.fromkeys(label(r) for r in engine_rows))
     configs = list(dict.fromkeys(r["config"] for r in engine_rows))
-    speed = {(r["config"], r["drafts"]): r["speedup_vs_generate"] for r in engine_rows}
+    speed = {(r["config"], label(r)): r["speedup_vs_generate"] for r in engine_rows}
     fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.8 / len(kinds)
     for k, kind in enumerate(kinds):
@@ -268,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--blocks", default="16,32,64,128,N", help="fixed block sizes to run ('N' = max-new-tokens)")
     p.add_argument("--drafts", default="real,fixed,random", help="draft kinds to run")
+    p.add_argument("--conversations", default="single",
+                   help="'single', 'two-turn' (a second user turn after a 200+ token first answer) or both, comma-separated")
     p.add_argument("--batch-blocks", default="auto,32", help="block sizes for the 8-batched comparison ('' skips)")
     p.add_argument("--official-prompts", type=int, default=2, help="prompts for the no-cache baseline (0 skips it)")
     p.add_argument("--official-max-new-tokens", type=int, default=256)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,9 +14,12 @@ import torch
 from ..errors import ContextLengthError, InvalidRequestError
 from ..protocol import BlockSize, RefinedItem, RefineItem, RefineOptions, coerce_items
 from . import templating
-from .jacobi import Row, Spelling, jacobi_decode
+from .alignment import Draft, Spelling
+from .jacobi import jacobi_decode
 from .loading import load_model_and_tokenizer, resolve_device, resolve_dtype
 from .policy import BlockPolicy
+from .row import Row
+from .streaming import IncrementalDecoder, StreamDelta
 
 
 @dataclass
@@ -44,6 +48,14 @@ class RefineResult:
             converged=self.converged,
             finish_reason="stop" if self.finish_reason == "stop" else "length",
         )
+
+
+def clamp_block(block_size: BlockSize, max_new_tokens: int) -> BlockSize:
+    """A block wider than the whole answer decodes the whole answer: clamp it to
+    ``max_new_tokens``, so a client set up once with ``block_size=64`` also works on short answers."""
+    if isinstance(block_size, int) and not isinstance(block_size, bool) and max_new_tokens >= 1:
+        return min(block_size, max_new_tokens)
+    return block_size
 
 
 class RefinerEngine:
@@ -149,6 +161,7 @@ class RefinerEngine:
         only (the returned list holds the items passed in), so a batch that never drains
         keeps nothing of the items it finished.
         """
+        block_size = clamp_block(block_size, max_new_tokens)
         try:
             opts = RefineOptions(
                 block_size=block_size,
@@ -172,15 +185,15 @@ class RefinerEngine:
             for n, item in enumerate(self._parse(items), first):
                 prompt, prefix, draft = self.encode(item, opts.keep_draft_prefix)
                 self._check_length(n, len(prompt) + len(prefix), opts.max_new_tokens)
-                guess = self._initial_guess(draft, opts.max_new_tokens)
-                row = Row(prompt=prompt + prefix, guess=guess, draft=draft, spelling=self.spelling)
+                guess = self.initial_guess(draft, opts.max_new_tokens)
+                row = Row(prompt=prompt + prefix, guess=guess, draft=Draft(draft, self.spelling))
                 pending[n] = (row, prefix, time.perf_counter())
                 count = n + 1
             return list(range(first, count))
 
         def finish(i: int) -> None:
             row, prefix, t0 = pending.pop(i)
-            result = self._result(row, prefix, time.perf_counter() - t0)
+            result = self.result_of(row, prefix, time.perf_counter() - t0)
             if i < n_items:
                 results[i] = result
             if on_result is not None:
@@ -219,6 +232,60 @@ class RefinerEngine:
                 )
         return [results[i] for i in range(n_items)]
 
+    def refine_stream(
+        self,
+        items: Sequence[RefineItem | dict[str, Any]],
+        *,
+        block_size: BlockSize = "auto",
+        max_new_tokens: int = 256,
+        max_iterations: int | None = None,
+        keep_draft_prefix: int = 0,
+    ) -> Iterator[StreamDelta]:
+        """``refine`` as a stream: after each pass, a ``StreamDelta`` per item that verified
+        tokens, and one last delta per item carrying its ``RefineResult``.
+
+        Per item the deltas' texts add up to ``result.text`` byte for byte, and their token
+        ids to ``result.token_ids`` (a kept draft prefix comes first). Decoding runs on a
+        worker thread; closing the generator early cancels the items not yet done.
+        """
+        parsed = self.check_items(items, max_new_tokens=max_new_tokens, keep_draft_prefix=keep_draft_prefix)
+        events: queue.Queue[tuple[str, Any, Any]] = queue.Queue()
+        closed = threading.Event()
+        options = dict(block_size=block_size, max_new_tokens=max_new_tokens, max_iterations=max_iterations,
+                       keep_draft_prefix=keep_draft_prefix)
+
+        def run() -> None:
+            try:
+                self.refine(parsed, **options, on_tokens=lambda i, t: events.put(("tokens", i, t)),
+                            on_result=lambda i, r: events.put(("result", i, r)), is_cancelled=lambda i: closed.is_set())
+            except BaseException as e:  # noqa: BLE001 (re-raised in the caller's thread)
+                events.put(("error", e, None))
+            else:
+                events.put(("end", None, None))
+
+        worker = threading.Thread(target=run, name="diffpo-refine-stream", daemon=True)
+        worker.start()
+        decoders = [IncrementalDecoder(self.tokenizer, self.stop_ids) for _ in parsed]
+        prefixes = [self.encode(item, keep_draft_prefix)[1] for item in parsed]
+        try:
+            while True:
+                kind, i, payload = events.get()
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise i
+                ids = [t for t in payload if t not in self.stop_ids] if kind == "tokens" else []
+                if prefixes[i] is not None:  # the kept draft prefix opens the answer
+                    ids, prefixes[i] = prefixes[i] + ids, None
+                text = decoders[i].step(ids)
+                if kind == "result":
+                    yield StreamDelta(i, ids, text + decoders[i].finish(payload.text), result=payload)
+                elif ids or text:
+                    yield StreamDelta(i, ids, text)
+        finally:
+            closed.set()
+            worker.join()
+
     def generate(self, item: RefineItem | dict[str, Any], *, max_new_tokens: int = 256) -> RefineResult:
         """The baseline every speed figure is measured against: transformers' greedy
         ``generate`` with its KV cache, ignoring the draft (one pass per token)."""
@@ -242,14 +309,17 @@ class RefinerEngine:
                 row.finish_reason = "stop"
                 break
         row.iterations = len(row.answer)
-        return self._result(row, [], time.perf_counter() - t0)
+        return self.result_of(row, [], time.perf_counter() - t0)
 
-    def _initial_guess(self, draft: list[int], n: int) -> list[int]:
+    def initial_guess(self, draft: list[int], n: int) -> list[int]:
         """The draft cut or padded to N positions; the stop token right after it lets a
         refiner that agrees with the draft verify the end in the same pass."""
         return draft[:n] + [self.eot] * max(0, n - len(draft))
 
-    def _result(self, row: Row, prefix: list[int], seconds: float) -> RefineResult:
+    _initial_guess = initial_guess  # the old private name, still used by tests/test_train_loss.py
+
+    def result_of(self, row: Row, prefix: list[int], seconds: float) -> RefineResult:
+        """A decoded row as a result: the kept prefix first, the stop token cut, the text decoded."""
         answer = row.answer[:-1] if row.answer and row.answer[-1] in self.stop_ids else row.answer
         ids = prefix + answer
         return RefineResult(

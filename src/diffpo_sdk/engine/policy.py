@@ -96,13 +96,13 @@ class BlockPolicy:
 
         import torch
 
-        from .jacobi import _cache_kwarg, _new_cache
+        from .kvcache import cache_kwarg, new_cache
 
-        kw = _cache_kwarg(model)
+        kw = cache_kwarg(model)
         with torch.inference_mode():
             model(input_ids=torch.zeros((1, 8), dtype=torch.long, device=device))  # first-call costs
             for w in widths:
-                cache = _new_cache(model)
+                cache = new_cache(model)
                 model(input_ids=torch.zeros((1, 32), dtype=torch.long, device=device), use_cache=True, **{kw: cache})
                 ids = torch.zeros((1, w), dtype=torch.long, device=device)
                 t0 = time.perf_counter()

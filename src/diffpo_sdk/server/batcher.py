@@ -6,6 +6,9 @@ then every waiting request with the same options joins, up to ``max_batch_items`
 at most ``max_wait_ms`` for company. The batch runs on a single worker thread, so the event
 loop keeps accepting, validating and refusing requests while the engine computes.
 
+Streaming: ``Batcher.stream`` yields each request's newly verified tokens and text per item
+after every pass, from the same running batch as every other request.
+
 Batching is continuous: between two forward passes the engine asks for more work, and
 waiting requests with the same options join the running batch, while others leave it as
 soon as their answers are done. No request waits for the slowest row of a batch it is not
@@ -22,7 +25,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -194,6 +197,66 @@ class Batcher:
             self.cancel(job)
             raise
         return results, job.stats
+
+    async def stream(self, items: list[RefineItem], key: OptionsKey, *, timeout: float | None = None) -> AsyncIterator[Any]:
+        """Queue the items and yield ``StreamDelta``s as passes verify their tokens.
+
+        Per item the deltas' texts add up to its refined text byte for byte (a kept draft
+        prefix first); each item's last delta carries its result, once the whole request is
+        done. The job joins a running batch like any other; leaving the loop early (or the
+        caller being cancelled) drops its rows from the batch without touching the others.
+        """
+        from ..engine.streaming import IncrementalDecoder, StreamDelta
+
+        timeout = self.config.request_timeout if timeout is None else timeout
+        loop = asyncio.get_running_loop()
+        increments: asyncio.Queue[tuple[int, list[int]] | None] = asyncio.Queue()
+        job = Job(
+            items=items,
+            key=key,
+            deadline=time.monotonic() + timeout,
+            future=loop.create_future(),
+            on_tokens=lambda k, ids: increments.put_nowait((k, ids)),
+            parent=otel_context.get_current(),
+            sent=[0] * len(items),
+        )
+        # resolving the future is queued after every increment the engine sent before it
+        job.future.add_done_callback(lambda _: increments.put_nowait(None))
+        stop_ids = set(getattr(self.engine, "stop_ids", ()))
+        keep = key[3]
+        prefixes = [self.engine.encode(item, keep)[1] if keep else [] for item in items]
+        decoders = [IncrementalDecoder(self.engine.tokenizer, stop_ids) for _ in items]
+
+        def delta(k: int, ids: list[int], result: Any = None) -> Any:
+            ids = prefixes[k] + [t for t in ids if t not in stop_ids]
+            prefixes[k] = []
+            text = decoders[k].step(ids)
+            if result is not None:
+                text += decoders[k].finish(result.text)
+            return StreamDelta(k, ids, text, result)
+
+        self.submit(job)
+        try:
+            while True:
+                try:
+                    got = await asyncio.wait_for(increments.get(), max(job.deadline - time.monotonic(), 0))
+                except TimeoutError:
+                    raise DeadlineExceededError(
+                        f"the request did not finish within the server's {timeout:g} s deadline"
+                    ) from None
+                if got is None:
+                    break
+                d = delta(*got)
+                if d.token_ids or d.text:
+                    yield d
+            results = job.future.result()
+            for k, result in enumerate(results):
+                if isinstance(result, BaseException):
+                    raise result
+                yield delta(k, [], result)
+        finally:
+            if not job.future.done():
+                self.cancel(job)
 
     def submit(self, job: Job) -> None:
         with self._mutex:
