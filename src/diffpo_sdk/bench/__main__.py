@@ -1,4 +1,4 @@
-"""``diffpo bench <speed|serve|client|train>``."""
+"""``diffpo bench <speed|serve|stream|client|train>``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 SUITES = {
     "speed": "diffpo_sdk.bench.speed",
     "serve": "diffpo_sdk.bench.serve",
+    "stream": "diffpo_sdk.bench.stream",
     "client": "diffpo_sdk.bench.client",
     "train": "diffpo_sdk.bench.train",
 }

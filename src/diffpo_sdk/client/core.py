@@ -476,7 +476,7 @@ class AsyncRefinerClient(_ClientCore):
                 yield piece
         finally:
             if events is not None:
-                await asyncio.create_task(events.aclose(), context=s.context)  # type: ignore[attr-defined]
+                await asyncio.create_task(_aclose(events), context=s.context)
             s.end()
 
     async def aclose(self) -> None:
@@ -492,6 +492,10 @@ class AsyncRefinerClient(_ClientCore):
 async def _step(context: contextvars.Context, events: AsyncIterator[StreamEvent]) -> StreamEvent | None:
     """The next event, computed in the call's own context (its span current); None at the end."""
     return await asyncio.create_task(_anext(events), context=context)
+
+
+async def _aclose(events: AsyncIterator[StreamEvent]) -> None:
+    await events.aclose()  # type: ignore[attr-defined]
 
 
 async def _anext(events: AsyncIterator[StreamEvent]) -> StreamEvent | None:
