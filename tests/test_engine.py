@@ -263,6 +263,26 @@ def test_policy_goes_wide_on_good_drafts_and_narrow_on_bad_ones():
     assert spiked.choose([R(0.1)], [1], room=128) == 1  # and now it is cheaper anyway
 
 
+def test_the_blind_first_pass_risks_at_most_one_plain_pass():
+    """The first pass prefills the prompt: its guesses may add at most a 1-token pass's cost,
+    however long the prompt (on a CPU, where cost grows with tokens, a long prompt gets no
+    more guesses than a short one) and go wide where wide passes are nearly free."""
+    class R:
+        acceptance = 0.5
+
+    cpu = BlockPolicy()
+    for width, ms in [(1, 77), (16, 108), (64, 207), (128, 356), (1024, 2800)]:
+        cpu.record(1, width, ms / 1000)
+    for prompt in (40, 600):
+        b = cpu.choose([R()], [prompt], room=256, first=True)
+        assert 1 < b < 64
+        assert cpu.cost(prompt + b - 1) - cpu.cost(prompt) <= cpu.cost(1)
+    gpu = BlockPolicy()
+    for width, ms in [(1, 10), (64, 10.5), (256, 11), (1024, 30)]:
+        gpu.record(1, width, ms / 1000)
+    assert gpu.choose([R()], [40], room=256, first=True) == 256
+
+
 def test_a_tokenization_miss_rewrites_the_rest_of_the_draft(smollm2_path):
     """Decoded text re-tokenizes "\\n\\n" before a word as two tokens; a model writes one."""
     from transformers import AutoTokenizer

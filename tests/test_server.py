@@ -174,9 +174,10 @@ async def test_client_disconnect_stops_the_work(tiny_engine, start_server):
     # the running row is cancelled (the engine's is_cancelled turns true) well before its 20 s
     assert await asyncio.to_thread(spin.saw_cancel.wait, 10)
     async with httpx.AsyncClient(base_url=url, timeout=10) as c:
-        for _ in range(1000):  # until the server has seen both disconnects
+        for _ in range(1000):  # until the server has seen both disconnects and emptied its queue
             metrics = (await c.get("/metrics")).text
-            if metric_value(metrics, "diffpo_errors_total", 'kind="client_disconnected"') >= 2:
+            if (metric_value(metrics, "diffpo_errors_total", 'kind="client_disconnected"') >= 2
+                    and metric_value(metrics, "diffpo_queue_depth") == 0):
                 break
             await asyncio.sleep(0.01)
     assert spin.calls == [["running"]]  # the queued request never reached the engine

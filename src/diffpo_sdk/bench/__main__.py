@@ -1,4 +1,4 @@
-"""``diffpo bench <speed|serve|stream|client|train>``."""
+"""``diffpo bench <speed|serve|stream|client|train|check>``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ SUITES = {
     "stream": "diffpo_sdk.bench.stream",
     "client": "diffpo_sdk.bench.client",
     "train": "diffpo_sdk.bench.train",
+    "check": "diffpo_sdk.bench.check",
 }
 
 

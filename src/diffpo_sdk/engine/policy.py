@@ -64,16 +64,20 @@ class BlockPolicy:
     def choose(self, rows: Sequence[Any], uncached: Sequence[int], room: int, first: bool = False) -> int:
         """Width B (answer positions decided per pass) for the next pass of these rows.
 
-        The first pass also prefills the prompt, so guesses ride along almost free: it
-        takes the widest block costing at most 25% more than the prefill alone, which
-        measures the draft's quality before any real choice is made.
+        The first pass also prefills the prompt, and it is blind: nothing is known of the
+        draft yet. It takes the widest block whose guesses add at most one plain one-token
+        pass to the prefill's cost, so a bad draft wastes at most one pass whatever the
+        prompt's length (a bound relative to the prefill instead cost a long two-turn prompt
+        a quarter of its prefill), while where wide passes are nearly free (a GPU) a draft
+        at the fixed point is verified at once.
         """
         u_max = max(uncached)
         limit = max(1, min(room, self.max_block))
         candidates = [b for b in WIDTHS if b < limit] + [limit]  # the whole remaining budget too
         curve = self._curve()  # once per choice: this runs before every pass
         if first:
-            budget = 1.25 * _interpolate(curve, len(rows) * u_max)
+            prefill = _interpolate(curve, len(rows) * u_max)
+            budget = prefill + _interpolate(curve, len(rows))
             fits = [b for b in candidates if _interpolate(curve, len(rows) * (u_max + b - 1)) <= budget]
             return max(fits, default=1)
         best, best_rate = 1, -1.0
