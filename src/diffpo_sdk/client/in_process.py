@@ -89,6 +89,8 @@ class EngineTransport:
         deltas = engine.refine_stream(items, **opts.model_dump())
         try:
             for d in deltas:
+                if time.monotonic() > deadline:  # closing the stream below cancels the engine's rows
+                    raise RefinerUnavailableError("the call's deadline passed while the in-process refiner streamed")
                 if d.token_ids or d.text:
                     yield StreamDelta(index=d.index, text=d.text, token_ids=list(d.token_ids))
                 result = getattr(d, "result", None)
