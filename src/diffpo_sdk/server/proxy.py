@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import json
 import logging
 import time
 import uuid
