@@ -51,12 +51,14 @@ def test_real_model_equals_greedy(smol, real_items, references, block_size, batc
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # the first test to use `references` pays for 20 greedy runs
 def test_adaptive_mode_equals_greedy_in_one_mixed_batch(smol, real_items, references):
     results = smol.refine(real_items, max_new_tokens=N)  # block_size="auto", all 20 in one batch
     assert [r.token_ids for r in results] == references
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_adaptive_mode_with_rows_joining_mid_batch_equals_greedy(smol, real_items, references):
     """Continuous batching on the real model: 16 items join a running batch two at a time."""
     waiting = list(real_items[4:])
@@ -68,6 +70,7 @@ def test_adaptive_mode_with_rows_joining_mid_batch_equals_greedy(smol, real_item
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_fixed_point_drafts_are_verified_in_a_few_passes(smol, real_items, references):
     """The refiner's own answer as a draft is verified at once when its text tokenizes back to
     the same ids; where it does not (decode/encode is not a round trip), the first miss
