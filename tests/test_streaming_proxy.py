@@ -50,12 +50,14 @@ def test_openai_async_client_streamed_and_not_and_usage_only_when_asked(proxy, t
 class BreaksAfterFirstPass(WrappedEngine):
     """The real engine, failing on every attempt right after its first verified tokens went out."""
 
+    error = "the refiner broke mid-answer"
+
     def refine(self, items, on_tokens=None, **kw):
         passes = []
 
         def tokens(i, ids):
             if passes:
-                raise RuntimeError("the refiner broke mid-answer")
+                raise RuntimeError(self.error)
             passes.append(i)
             on_tokens(i, ids)
 
@@ -83,6 +85,27 @@ def test_a_failure_mid_stream_ends_with_an_error_event_and_done(proxy, tiny_engi
                       json={"items": [{"prompt": "p", "draft": "d"}], "stream": True, "block_size": 1}) as r:
         events = [line for line in r.iter_lines() if line.startswith("event: ")]
     assert events[0] == "event: delta" and events[-2:] == ["event: error", "event: done"]
+
+
+class OutOfMemoryAfterFirstPass(BreaksAfterFirstPass):
+    error = "CUDA out of memory (stand-in)"  # what the batcher treats as out of memory: fail-open
+
+
+def test_a_refiner_giving_up_mid_stream_goes_on_with_the_rest_of_the_draft(proxy, tiny_engine):
+    from diffpo_sdk.client import draft_rest
+
+    url = proxy(OutOfMemoryAfterFirstPass(tiny_engine))
+    with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60,
+                      json={"messages": MESSAGES, "stream": True, "diffpo": {"block_size": 1, "max_new_tokens": 32}}) as r:
+        events = read_sse(r)
+    assert events[-1] == "[DONE]" and all("error" not in e for e in events[:-1])
+    texts = [e["choices"][0]["delta"].get("content") or "" for e in events[:-1] if e["choices"]]
+    texts = [t for t in texts if t]
+    refined_part = "".join(texts[:-1])
+    assert refined_part  # verified text went out before the refiner gave up
+    assert texts[-1] == draft_rest(refined_part, ANSWER) and ANSWER.endswith(texts[-1])  # a whole answer
+    stats = events[-2]["diffpo"]
+    assert stats["refined"] is False and stats["partial"] is True and "memory" in stats["reason"]
 
 
 def test_the_chat_route_schema_describes_its_answer(proxy):
