@@ -32,7 +32,7 @@ fi
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 
 if [ "$device" = cpu ]; then  # the dry run: every step, on settings a 2-core CPU finishes
-  dtypes="float32"; n=16; prompts=2; blocks=16; train_repeats=1
+  dtypes="float32"; n=16; prompts=1; blocks=16; train_repeats=1
   speed_extra=(--official-prompts 0)
 else
   dtypes="float32 bfloat16"; n=128; prompts=8; blocks=16,64; train_repeats=5
