@@ -90,7 +90,11 @@ def test_sse_stream_equals_the_refined_answer_byte_for_byte(smol, smol_server, b
         mine = [d["text"] for e, d in events if e == "delta" and d["index"] == k]
         assert all("\ufffd" not in text for text in mine[:-1])
     items = {d["index"]: d["item"] for e, d in events if e == "item"}
-    assert [items[k] for k in range(3)] == plain  # the same stats and finish reasons
+    # the same answer, stats and finish reasons ("auto" adapts its block widths as it measures, so
+    # two runs of one request can take a different number of passes to the same answer)
+    varies = {"iterations"} if block == "auto" else set()
+    assert [{k: v for k, v in items[i].items() if k not in varies} for i in range(3)] == \
+        [{k: v for k, v in it.items() if k not in varies} for it in plain]
     if block == 1:
         assert sum(e == "delta" for e, _ in events) > 10  # pass by pass, not at the end
 
@@ -197,12 +201,30 @@ def test_draft_rest_continues_the_draft_without_cutting_words():
     assert draft_rest("longer than the draft", "short") == ""
 
 
+class HoldAfterFirstPass:
+    """The real engine, held after its first verified tokens went out until ``gate`` is set."""
+
+    def __init__(self, engine: RefinerEngine) -> None:
+        self.engine, self.gate = engine, threading.Event()
+
+    def __getattr__(self, name: str):
+        return getattr(self.engine, name)
+
+    def refine(self, items, on_tokens=None, **kw):
+        def tokens(i, ids):
+            on_tokens(i, ids)
+            self.gate.wait(120)
+
+        return self.engine.refine(items, on_tokens=None if on_tokens is None else tokens, **kw)
+
+
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("flavour", ["sync", "async"])
 def test_a_refiner_killed_mid_stream_still_leaves_a_whole_answer(tiny, flavour):
     draft = " ".join(f"Sentence number {k} of a long draft answer." for k in range(40))
     item = {"prompt": "Write a long answer.", "draft": draft}
-    server = serve_engine(tiny)
+    held = HoldAfterFirstPass(tiny)  # the answer cannot finish before the server is gone
+    server = serve_engine(held)
     stopping: list[threading.Thread] = []
 
     def kill() -> None:  # stop the server (its port closes) while the stream is open
@@ -232,6 +254,7 @@ def test_a_refiner_killed_mid_stream_still_leaves_a_whole_answer(tiny, flavour):
     finally:
         for t in stopping:
             t.join()
+        held.gate.set()
         server.stop()
     outcome = pieces[-1].outcome
     assert outcome is not None and not outcome.refined and outcome.info["reason"] == "refiner_failed"
