@@ -3,7 +3,7 @@
 The LLM call goes through LiteLLM (any provider); the answer comes back as a LiteLLM
 ``ModelResponse`` whose text is refined, with the refiner's stats in
 ``choices[i].message.provider_specific_fields["diffpo"]``. ``stream=True`` collects the
-stream, refines, and re-emits chunks.
+upstream stream (the draft), then streams the refined answer as the refiner verifies it.
 
     python examples/litellm_completion.py [--max-new-tokens 96]
 """

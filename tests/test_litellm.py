@@ -127,7 +127,9 @@ def test_stream_is_collected_refined_and_reemitted(refiner, upstream):
     rebuilt = litellm.stream_chunk_builder(chunks, messages=MSGS)
     assert rebuilt.choices[0].message.content == "R[hello]<draft(hello)>"
     assert rebuilt.choices[0].finish_reason == "stop"
-    assert chunks[0].choices[0].delta.provider_specific_fields["diffpo"]["refined"] is True
+    stats = [c.choices[0].delta.provider_specific_fields["diffpo"] for c in chunks
+             if c.choices and (c.choices[0].delta.provider_specific_fields or {}).get("diffpo")]
+    assert [s["refined"] for s in stats] == [True]  # once, on the choice's last text chunk
 
 
 async def test_acompletion_and_async_stream(refiner, upstream):
@@ -226,6 +228,18 @@ def test_real_litellm_proxy_with_the_hook(tmp_path, refiner, upstream):
                     for choice in json.loads(line[6:])["choices"]:
                         text += choice["delta"].get("content") or ""
         assert text == "R[hello]<draft(hello)>"
+        # the per-request switch: honoured, and taken out before the upstream call (async_pre_call_hook)
+        upstream["seen"].clear()
+        r = httpx.post(url + "/v1/chat/completions", json={**body, "diffpo_refine": False}, headers=headers,
+                       timeout=30)
+        assert r.json()["choices"][0]["message"]["content"] == "draft(hello)"
+        with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True, "diffpo_refine": False},
+                          headers=headers, timeout=30) as s:
+            plain = "".join(choice["delta"].get("content") or "" for line in s.iter_lines()
+                            if line.startswith("data: ") and line != "data: [DONE]"
+                            for choice in json.loads(line[6:])["choices"])
+        assert plain == "draft(hello)"
+        assert len(upstream["seen"]) == 2 and all("diffpo_refine" not in json.dumps(b) for b in upstream["seen"])
     finally:
         proc.terminate()
         proc.wait(timeout=20)

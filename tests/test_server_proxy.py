@@ -120,8 +120,10 @@ def test_streaming_sends_the_refined_answer_as_it_is_decided(proxy, tiny_engine)
     url = proxy()
     opts = {"block_size": 4, "max_new_tokens": 24}
     with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60,
-                      json={"messages": MESSAGES, "stream": True, "diffpo": opts}) as r:
+                      json={"messages": MESSAGES, "stream": True, "diffpo": opts,
+                            "stream_options": {"include_usage": True}}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["x-accel-buffering"] == "no"
         events = read_sse(r)
     assert events[-1] == "[DONE]"
     chunks = events[:-1]
@@ -134,8 +136,11 @@ def test_streaming_sends_the_refined_answer_as_it_is_decided(proxy, tiny_engine)
     assert len(contents) >= 3  # streamed piece by piece, not in one lump at the end
     finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
     assert finish == ["stop" if expected.finish_reason == "stop" else "length"]
+    assert all(c["choices"][0]["logprobs"] is None for c in chunks if c["choices"])  # replaced text: explicit null
+    ended = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]][-1]
+    assert ended["diffpo"]["refined"] is True
     last = chunks[-1]
-    assert last["choices"] == [] and last["usage"] == USAGE and last["diffpo"]["refined"] is True
+    assert last["choices"] == [] and last["usage"] == USAGE  # asked for with stream_options.include_usage
 
 
 async def test_a_stream_that_joins_a_running_batch_streams_its_own_answer(proxy, tiny_engine):

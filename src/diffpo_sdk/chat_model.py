@@ -7,7 +7,8 @@ For code that wants one object instead of ``llm | DiffPORefiner()``. It takes th
 chat-model parameters (temperature, max_tokens, timeout, stop, max_retries, api_key) and
 LiteLLM's model ids; tool calling and structured output work as with any chat model
 (tool-calling turns and structured answers are not refined). Streams yield the refined
-answer once the draft is complete.
+answer as the refiner verifies it, once the upstream draft is complete (the refiner needs all
+of it); the stats come on the last text chunk.
 """
 
 from __future__ import annotations

@@ -2,11 +2,12 @@
 
 They take LiteLLM's arguments unchanged plus a few refinement options, and return
 LiteLLM's own types: a ``ModelResponse`` whose choices hold the refined text, or, with
-``stream=True``, an iterator of ``ModelResponseStream`` chunks. Streams are collected
-(the refiner needs the whole draft), refined, and re-emitted; the chunks rebuild with
-``litellm.stream_chunk_builder``. Stats per choice are in
-``choice.message.provider_specific_fields["diffpo"]`` (for streams, in the first
-re-emitted chunk's ``delta.provider_specific_fields["diffpo"]``).
+``stream=True``, an iterator of ``ModelResponseStream`` chunks. The upstream stream is
+collected (the refiner needs the whole draft), then the refined answer streams out as the
+refiner verifies it; the chunks rebuild with ``litellm.stream_chunk_builder``. Stats per
+choice are in ``choice.message.provider_specific_fields["diffpo"]`` (for streams, in the
+``delta.provider_specific_fields["diffpo"]`` of each choice's last text chunk). If the
+refiner fails mid-stream, the rest of the draft follows (fail-open), marked unrefined.
 
 Only text answers are refined: choices with tool calls, structured output
 (``response_format``) and empty answers are returned untouched (the rule, shared by every
@@ -32,7 +33,7 @@ from opentelemetry import trace
 from . import tracing
 from ._convert import conversation
 from .answers import openai_pass_through_reason, refined_finish_reason
-from .client import Outcome, shared_async_client, shared_client
+from .client import Outcome, StreamPiece, shared_async_client, shared_client
 from .protocol import RefineItem
 from .settings import DiffPOSettings
 
@@ -78,6 +79,11 @@ def _apply(plan: _Plan, outcomes: list[Outcome]) -> None:
             msg.content = outcome.text
             choice.finish_reason = refined_finish_reason(outcome.info["finish_reason"])
         msg.provider_specific_fields = {**(msg.provider_specific_fields or {}), "diffpo": outcome.info}
+    _mark_root(outcomes)
+
+
+def _mark_root(outcomes: list[Outcome]) -> None:
+    """The call's root span says whether every choice was refined, and why not."""
     root = trace.get_current_span()
     if outcomes and root.is_recording():
         root.set_attribute(tracing.DIFFPO_REFINED, all(o.refined for o in outcomes))
@@ -107,24 +113,42 @@ async def arefine_response(response: Any, messages: Any, *, settings: DiffPOSett
 # -- streams ------------------------------------------------------------------------------------
 
 
-def _reemit(built: Any, first: Any, last: Any) -> list[Any]:
-    """Chunks that carry the (refined) response: its text, then each choice's finish reason."""
-    from litellm.types.utils import Delta, ModelResponseStream, StreamingChoices
+class _Reemitter:
+    """Refined pieces as LiteLLM stream chunks: each choice's text as it is verified (its role on
+    the first, its stats on the last), then one chunk with every finish reason and the usage."""
 
-    meta = {"id": built.id, "created": built.created, "model": getattr(first, "model", None) or built.model}
-    out = []
-    for choice in built.choices:
-        msg = choice.message
-        delta = Delta(role="assistant", content=msg.content, tool_calls=msg.tool_calls,
-                      provider_specific_fields=msg.provider_specific_fields)
-        out.append(ModelResponseStream(**meta, choices=[StreamingChoices(index=choice.index, delta=delta)]))
-    ends = [StreamingChoices(index=c.index, delta=Delta(), finish_reason=c.finish_reason) for c in built.choices]
-    end = ModelResponseStream(**meta, choices=ends)
-    usage = getattr(last, "usage", None)
-    if usage is not None:
-        end.usage = usage  # type: ignore[attr-defined]
-    out.append(end)
-    return out
+    def __init__(self, built: Any, plan: _Plan, first: Any, last: Any) -> None:
+        self.meta = {"id": built.id, "created": built.created,
+                     "model": getattr(first, "model", None) or built.model}
+        self.plan, self.built, self.usage = plan, built, getattr(last, "usage", None)
+        self.finish = {c.index: c.finish_reason for c in built.choices}
+        self.opened: set[int] = set()
+        self.outcomes: dict[int, Outcome] = {}
+
+    def chunks(self, piece: StreamPiece) -> list[Any]:
+        from litellm.types.utils import Delta, ModelResponseStream, StreamingChoices
+
+        index = self.plan.choices[piece.index].index
+        if not piece.text and piece.outcome is None:
+            return []
+        delta = Delta(content=piece.text, role=None if index in self.opened else "assistant")
+        self.opened.add(index)
+        if piece.outcome is not None:
+            self.outcomes[piece.index] = piece.outcome
+            delta.provider_specific_fields = {"diffpo": piece.outcome.info}
+            if piece.outcome.refined:
+                self.finish[index] = refined_finish_reason(piece.outcome.info["finish_reason"])
+        return [ModelResponseStream(**self.meta, choices=[StreamingChoices(index=index, delta=delta)])]
+
+    def end(self) -> Any:
+        from litellm.types.utils import Delta, ModelResponseStream, StreamingChoices
+
+        _mark_root([self.outcomes[k] for k in sorted(self.outcomes)])
+        ends = [StreamingChoices(index=i, delta=Delta(), finish_reason=f) for i, f in self.finish.items()]
+        end = ModelResponseStream(**self.meta, choices=ends)
+        if self.usage is not None:
+            end.usage = self.usage  # type: ignore[attr-defined]
+        return end
 
 
 def _rebuild(chunks: list[Any], messages: Any) -> Any:
@@ -133,42 +157,48 @@ def _rebuild(chunks: list[Any], messages: Any) -> Any:
     return litellm.stream_chunk_builder(chunks, messages=messages) if chunks else None
 
 
-def _refinable_stream(collected: list[Any], messages: Any, settings: DiffPOSettings | None,
-                      request: dict[str, Any] | None) -> Any:
-    """The stream rebuilt as one response when every choice gets refined, else None (pass it through)."""
+def _refinable_stream(collected: list[Any], messages: Any, settings: DiffPOSettings,
+                      request: dict[str, Any] | None) -> _Reemitter | None:
+    """The stream's refined re-emission when every choice gets refined, else None (pass it through)."""
     built = _rebuild(collected, messages)
-    if built is None:
-        plan = None
-    else:
-        plan = _plan(built, messages, settings or DiffPOSettings(), request or {})
-    return built if plan is not None and len(plan.choices) == len(built.choices) else None
+    plan = None if built is None else _plan(built, messages, settings, request or {})
+    if plan is None or len(plan.choices) != len(built.choices):
+        return None
+    return _Reemitter(built, plan, collected[0], collected[-1])
 
 
 def refine_stream(chunks: Iterator[Any], messages: Any, *, settings: DiffPOSettings | None = None,
                   request: dict[str, Any] | None = None) -> Iterator[Any]:
-    """Collect a LiteLLM stream, refine its answer, and yield it again as chunks.
+    """Collect a LiteLLM stream (the draft), then yield its refined answer as the refiner verifies it.
 
     Streams whose answer has tool calls (or any choice the refiner must not touch)
     are passed through chunk for chunk.
     """
+    s = settings or DiffPOSettings()
     collected = list(chunks)
-    built = _refinable_stream(collected, messages, settings, request)
-    if built is None:
+    out = _refinable_stream(collected, messages, s, request)
+    if out is None:
         yield from collected
         return
-    refine_response(built, messages, settings=settings, request=request)
-    yield from _reemit(built, collected[0], collected[-1])
+    for piece in shared_client(s).stream(**out.plan.call):
+        yield from out.chunks(piece)
+    yield out.end()
 
 
 async def arefine_stream(chunks: AsyncIterator[Any], messages: Any, *, settings: DiffPOSettings | None = None,
                          request: dict[str, Any] | None = None) -> AsyncIterator[Any]:
     """:func:`refine_stream` for asyncio."""
+    s = settings or DiffPOSettings()
     collected = [c async for c in chunks]
-    built = _refinable_stream(collected, messages, settings, request)
-    out = collected if built is None else _reemit(await arefine_response(built, messages, settings=settings,
-                                                                         request=request), collected[0], collected[-1])
-    for c in out:
-        yield c
+    out = _refinable_stream(collected, messages, s, request)
+    if out is None:
+        for c in collected:
+            yield c
+        return
+    async for piece in shared_async_client(s).stream(**out.plan.call):
+        for c in out.chunks(piece):
+            yield c
+    yield out.end()
 
 
 # -- the drop-ins -----------------------------------------------------------------------------

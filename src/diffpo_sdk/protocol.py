@@ -92,6 +92,7 @@ class RefineRequest(RefineOptions):
     """``POST /v1/refine`` body: items plus options that apply to all of them."""
 
     items: list[RefineItem] = Field(..., min_length=1, max_length=MAX_ITEMS_PER_REQUEST)
+    stream: bool = Field(False, description="answer with Server-Sent Events as passes verify the text")
 
 
 class RefinedItem(BaseModel):
@@ -114,6 +115,37 @@ class RefineResponse(BaseModel):
 
     items: list[RefinedItem]
     model: str
+    timing: dict[str, float] = Field(default_factory=dict)
+
+
+#: ``POST /v1/refine`` with ``"stream": true``: the Server-Sent Event names, in the order they come.
+#: ``delta`` (:class:`StreamDelta`) any number of times per item, then ``item`` (:class:`StreamItem`)
+#: once per item; ``error`` (:class:`ErrorBody`) if the refinement failed mid-stream; ``done``
+#: (:class:`StreamDone`) always last.
+STREAM_EVENTS = ("delta", "item", "error", "done")
+
+
+class StreamDelta(BaseModel):
+    """Newly verified text of item ``index``: its deltas, concatenated, are the refined text."""
+
+    index: int
+    text: str
+    token_ids: list[int] = Field(default_factory=list)
+
+
+class StreamItem(BaseModel):
+    """Item ``index`` is done: its whole answer and stats, as the non-streamed response has them."""
+
+    index: int
+    item: RefinedItem
+    model: str | None = Field(None, description="the refiner that answered")
+
+
+class StreamDone(BaseModel):
+    """The stream's last event; ``ok`` is false when an ``error`` event came before it."""
+
+    ok: bool = True
+    model: str | None = None
     timing: dict[str, float] = Field(default_factory=dict)
 
 

@@ -13,14 +13,14 @@ memory only for the run. Explicit input (``{"messages": ..., "draft": ...}``) an
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler
-from langchain_core.messages import BaseMessage
+from langchain_core.messages import AIMessageChunk, BaseMessage
 from langchain_core.runnables import (
     Runnable,
     RunnableConfig,
@@ -33,7 +33,7 @@ from pydantic import ConfigDict, PrivateAttr, SecretStr, model_validator
 
 from ._convert import conversation, has_tool_calls, text_of, to_messages
 from .answers import pass_through_reason, refined_finish_reason
-from .client import Outcome, settings_key, shared_async_client, shared_client
+from .client import Outcome, StreamPiece, settings_key, shared_async_client, shared_client
 from .errors import InvalidRequestError
 from .protocol import BlockSize, RefineItem, RefineOptions
 from .settings import Backend, DiffPOSettings
@@ -175,6 +175,9 @@ class _Job:
     source: str
     build: Callable[[Outcome], Any]
     passthrough: Any = None
+    #: for a stream: one output chunk per piece of verified text (the outcome on the last);
+    #: None where the output is not a text (graph state, message lists): it comes whole at the end
+    chunk: Callable[[str, Outcome | None], Any] | None = None
 
 
 class DiffPORefiner(RunnableSerializable[Any, Any]):
@@ -303,6 +306,47 @@ class DiffPORefiner(RunnableSerializable[Any, Any]):
             return self._failed(jobs, e, _raise)
         return self._assemble(jobs, outcomes)
 
+    # streams, sync and async -------------------------------------------------------------
+
+    def stream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Any]:
+        """The refined answer as the refiner verifies it: ``str`` pieces, or ``AIMessageChunk``s whose
+        sum is what ``invoke`` returns (``response_metadata["diffpo"]`` on the last chunk)."""
+        yield from self.transform(iter([input]), config, **kwargs)
+
+    async def astream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> AsyncIterator[Any]:
+        async for chunk in self.atransform(_one(input), config, **kwargs):
+            yield chunk
+
+    def transform(self, input: Iterator[Any], config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Any]:
+        """In a streamed chain: the draft is gathered whole (the refiner needs all of it), then streamed refined."""
+        yield from self._transform_stream_with_config(input, self._transform, config, **kwargs)
+
+    async def atransform(self, input: AsyncIterator[Any], config: RunnableConfig | None = None,
+                         **kwargs: Any) -> AsyncIterator[Any]:
+        async for chunk in self._atransform_stream_with_config(input, self._atransform, config, **kwargs):
+            yield chunk
+
+    def _transform(self, chunks: Iterator[Any], run_manager: Any) -> Iterator[Any]:
+        job = self._job(_gathered(chunks), run_manager.parent_run_id)
+        if job.item is None:
+            yield job.passthrough
+            return
+        for piece in shared_client(self._resolved, self._client_key).stream(**self._call([job])):
+            if (out := _emit(job, piece)) is not None:
+                yield out
+
+    async def _atransform(self, chunks: AsyncIterator[Any], run_manager: Any) -> AsyncIterator[Any]:
+        gathered = None
+        async for c in chunks:
+            gathered = _added(gathered, c)
+        job = self._job(gathered, run_manager.parent_run_id)
+        if job.item is None:
+            yield job.passthrough
+            return
+        async for piece in shared_async_client(self._resolved, self._client_key).stream(**self._call([job])):
+            if (out := _emit(job, piece)) is not None:
+                yield out
+
     # the logic both forms share ---------------------------------------------------------
 
     def _jobs(self, inputs: list[Any], run_manager: list[Any]) -> list[_Job]:
@@ -352,11 +396,12 @@ class DiffPORefiner(RunnableSerializable[Any, Any]):
         )
 
     def _draft_job(self, draft: Any, prompt: Any, parent_run_id: UUID | None, explicit: bool | None) -> _Job:
+        chunk: Callable[[str, Outcome | None], Any]
         if isinstance(draft, BaseMessage):
-            text, build = text_of(draft), _message_builder(draft)
+            text, build, chunk = text_of(draft), _message_builder(draft), _chunk_builder(draft)
             tool_calls = has_tool_calls(draft)
         elif isinstance(draft, str):
-            text, build, tool_calls = draft, _text_builder, False
+            text, build, chunk, tool_calls = draft, _text_builder, _text_chunk, False
         else:
             raise InvalidRequestError(f"the draft must be a str or an AIMessage, not {type(draft).__name__}")
         if pass_through_reason(text, tool_calls=tool_calls) is not None:
@@ -370,7 +415,37 @@ class DiffPORefiner(RunnableSerializable[Any, Any]):
             turns = conversation(captured) if captured is not None else None
             source = "captured" if turns else "none"
         item = RefineItem(messages=turns, draft=text) if turns else RefineItem(prompt="", draft=text)
-        return _Job(item, source, build)
+        return _Job(item, source, build, chunk=chunk)
+
+
+async def _one(value: Any) -> AsyncIterator[Any]:
+    yield value
+
+
+def _added(total: Any, chunk: Any) -> Any:
+    """Input chunks gathered as LangChain does: added up where they add (str, message chunks)."""
+    if total is None:
+        return chunk
+    try:
+        return total + chunk
+    except TypeError:
+        return chunk
+
+
+def _gathered(chunks: Iterator[Any]) -> Any:
+    total = None
+    for c in chunks:
+        total = _added(total, c)
+    return total
+
+
+def _emit(job: _Job, piece: StreamPiece) -> Any | None:
+    """What a piece becomes in the output stream (None: nothing to send yet)."""
+    if job.chunk is None:
+        return job.build(piece.outcome) if piece.outcome is not None else None
+    if piece.text or piece.outcome is not None:
+        return job.chunk(piece.text, piece.outcome)
+    return None
 
 
 def _unused(_: Outcome) -> Any:  # pragma: no cover - jobs without an item are never built
@@ -381,12 +456,35 @@ def _text_builder(outcome: Outcome) -> str:
     return outcome.text
 
 
+def _text_chunk(text: str, outcome: Outcome | None) -> str:
+    return text
+
+
+def _metadata(draft: BaseMessage, outcome: Outcome) -> dict[str, Any]:
+    meta = {**draft.response_metadata, "diffpo": outcome.info}
+    if outcome.refined:
+        meta["finish_reason"] = refined_finish_reason(outcome.info["finish_reason"])
+    return meta
+
+
+def _chunk_builder(draft: BaseMessage) -> Callable[[str, Outcome | None], AIMessageChunk]:
+    """Chunks of the refined message: text as it is verified, the draft's metadata once, on the last."""
+
+    def chunk(text: str, outcome: Outcome | None) -> AIMessageChunk:
+        if outcome is None:
+            return AIMessageChunk(content=text, id=draft.id)
+        return AIMessageChunk(content=text, id=draft.id, name=draft.name, response_metadata=_metadata(draft, outcome),
+                              additional_kwargs=draft.additional_kwargs,
+                              usage_metadata=getattr(draft, "usage_metadata", None))
+
+    return chunk
+
+
 def _message_builder(draft: BaseMessage) -> Callable[[Outcome], BaseMessage]:
     def build(outcome: Outcome) -> BaseMessage:
-        meta = {**draft.response_metadata, "diffpo": outcome.info}
+        meta = _metadata(draft, outcome)
         if not outcome.refined:  # the draft exactly as it came, blocks and all
             return draft.model_copy(update={"response_metadata": meta})
-        meta["finish_reason"] = refined_finish_reason(outcome.info["finish_reason"])
         return draft.model_copy(update={"content": outcome.text, "response_metadata": meta})
 
     return build

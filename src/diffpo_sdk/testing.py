@@ -40,6 +40,7 @@ class EchoStreamEvent:
     index: int
     token_ids: Sequence[int]
     text: str
+    result: EchoResult | None = None  # the item's answer, on its last event
 
 
 class EchoEngine:
@@ -78,7 +79,7 @@ class EchoEngine:
 
     def refine_stream(self, items: Sequence[RefineItem | dict[str, Any]], **options: Any) -> Iterator[EchoStreamEvent]:
         for k, res in enumerate(self.refine(items, **options)):
-            yield EchoStreamEvent(index=k, token_ids=[], text=res.text)
+            yield EchoStreamEvent(index=k, token_ids=[], text=res.text, result=res)
 
 
 class ServerThread:

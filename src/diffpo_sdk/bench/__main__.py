@@ -1,4 +1,4 @@
-"""``diffpo bench <speed|serve|client|train|check>``."""
+"""``diffpo bench <speed|serve|stream|client|train|check>``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 SUITES = {
     "speed": "diffpo_sdk.bench.speed",
     "serve": "diffpo_sdk.bench.serve",
+    "stream": "diffpo_sdk.bench.stream",
     "client": "diffpo_sdk.bench.client",
     "train": "diffpo_sdk.bench.train",
     "check": "diffpo_sdk.bench.check",

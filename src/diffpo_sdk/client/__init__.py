@@ -1,5 +1,6 @@
 """Refiner clients: one sync and one async client, each over a transport.
 
+``stream(items, ...)`` yields the refined text as it is verified (:class:`StreamPiece`).
 ``refine(items, ...)`` returns a :class:`~diffpo_sdk.protocol.RefineResponse` or raises a
 typed error; ``refine_or_keep(items, ...)`` never loses a draft: when the refiner cannot
 answer it returns the draft marked ``{"refined": False, "reason": ..., "error": ...}``
@@ -22,7 +23,9 @@ from .core import (
     AsyncTransport,
     Outcome,
     RefinerClient,
+    StreamPiece,
     Transport,
+    draft_rest,
     has_prompt,
     warn_once,
 )
@@ -52,9 +55,11 @@ __all__ = [
     "InProcessClient",
     "Outcome",
     "RefinerClient",
+    "StreamPiece",
     "Transport",
     "async_client_from_settings",
     "client_from_settings",
+    "draft_rest",
     "has_prompt",
     "settings_key",
     "shared_async_client",

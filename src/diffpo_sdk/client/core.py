@@ -4,17 +4,24 @@ In the manner of httpx, :class:`RefinerClient` and :class:`AsyncRefinerClient` d
 every call shares, once: options from the settings, the prompt guard (a draft without a
 prompt is never refined), one overall deadline for the whole call (a batch larger than
 a transport takes goes out in parts under that one deadline), the OpenTelemetry span and
-fail-open. A :class:`Transport` only sends one batch; a streaming call goes on the
-transports as ``stream(items, opts, deadline, span)`` beside ``send``.
+fail-open. A :class:`Transport` only sends one batch (``send``), or streams it
+(``stream``: the wire's :class:`~diffpo_sdk.protocol.StreamDelta` and
+:class:`~diffpo_sdk.protocol.StreamItem` events as the refiner verifies text).
+
+Streaming (:meth:`RefinerClient.stream`) yields :class:`StreamPiece`s; per item their
+texts add up to the item's final :class:`Outcome` text, whatever happens. When the
+refiner fails mid-stream, fail-open goes on with the rest of the draft (see
+:func:`draft_rest`), so the user still gets a whole answer, marked unrefined.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -23,7 +30,7 @@ from opentelemetry.trace import Span
 
 from .. import tracing
 from ..errors import InvalidRequestError
-from ..protocol import RefineItem, RefineOptions, RefineResponse, coerce_items
+from ..protocol import RefinedItem, RefineItem, RefineOptions, RefineResponse, StreamDelta, StreamItem, coerce_items
 from ..settings import DiffPOSettings
 
 log = logging.getLogger("diffpo_sdk.client")
@@ -41,7 +48,7 @@ NO_PROMPT_HELP = (
 )
 
 __all__ = ["NO_PROMPT", "REFINER_FAILED", "AsyncRefinerClient", "AsyncTransport", "Outcome", "RefinerClient",
-           "Transport", "has_prompt", "warn_once"]
+           "StreamPiece", "Transport", "draft_rest", "has_prompt", "warn_once"]
 
 
 @dataclass
@@ -53,6 +60,35 @@ class Outcome:
     #: the ``diffpo`` metadata: stats when refined, ``reason`` (and ``error``) when not
     info: dict[str, Any] = field(default_factory=dict)
 
+
+@dataclass
+class StreamPiece:
+    """Newly verified ``text`` of input ``index``; an item's last piece carries its ``outcome``.
+
+    Per item, the pieces' texts concatenated equal ``outcome.text``, refined or not.
+    """
+
+    index: int
+    text: str
+    outcome: Outcome | None = None
+
+
+def draft_rest(streamed: str, draft: str) -> str:
+    """What follows ``streamed`` (verified refined text) when the refiner stops mid-answer: the
+    draft from the same point on. Where the refined text left the draft's wording, the draft
+    goes on from the same character offset, moved forward to a word boundary so no word is cut."""
+    if draft.startswith(streamed):
+        return draft[len(streamed):]
+    cut = len(streamed)
+    if cut >= len(draft):
+        return ""
+    if streamed and not streamed[-1].isspace() and not draft[cut].isspace() and not draft[cut - 1].isspace():
+        boundary = next((k for k in range(cut, len(draft)) if draft[k].isspace()), len(draft))
+        cut = boundary
+    return draft[cut:]
+
+
+StreamEvent = StreamDelta | StreamItem
 
 _warned: set[str] = set()
 _warned_lock = threading.Lock()
@@ -87,6 +123,9 @@ class Transport(Protocol):
 
     def send(self, items: list[RefineItem], opts: RefineOptions, deadline: float, span: Span) -> RefineResponse: ...
 
+    def stream(self, items: list[RefineItem], opts: RefineOptions, deadline: float,
+               span: Span) -> Iterator[StreamEvent]: ...
+
     def close(self) -> None: ...
 
 
@@ -99,6 +138,9 @@ class AsyncTransport(Protocol):
 
     async def send(self, items: list[RefineItem], opts: RefineOptions, deadline: float,
                    span: Span) -> RefineResponse: ...
+
+    def stream(self, items: list[RefineItem], opts: RefineOptions, deadline: float,
+               span: Span) -> AsyncIterator[StreamEvent]: ...
 
     async def aclose(self) -> None: ...
 
@@ -122,6 +164,14 @@ class _Call:
         sent = [self.items[i] for i in self.todo]
         step = max_items or len(sent)
         return [sent[i : i + step] for i in range(0, len(sent), step)]
+
+    def offsets(self, max_items: int | None) -> list[tuple[int, list[RefineItem]]]:
+        """The batches with the position in ``todo`` of each one's first item."""
+        out, first = [], 0
+        for batch in self.batches(max_items):
+            out.append((first, batch))
+            first += len(batch)
+        return out
 
 
 def _merge(parts: Sequence[RefineResponse]) -> RefineResponse:
@@ -216,31 +266,105 @@ class _ClientCore:
         out = [Outcome(item.draft, False, {"refined": False, "reason": NO_PROMPT, "prompt": src, **base})
                for item, src in zip(call.items, call.sources)]
         if isinstance(result, BaseException):
-            error = f"{type(result).__name__}: {result}"
             for i in call.todo:
-                out[i] = Outcome(call.items[i].draft, False, {"refined": False, "reason": REFINER_FAILED,
-                                                              "error": error, "prompt": call.sources[i], **base})
+                out[i] = self._failed_outcome(call, i, result, call.items[i].draft)
             return out
         if result is None:
             return out
-        latency_ms = round((time.perf_counter() - call.started) * 1000, 3)
         server_ms = result.timing.get("total_ms") if result.timing else None
         for i, item in zip(call.todo, result.items):
-            out[i] = Outcome(item.text, True, {
-                "refined": True,
-                "model": result.model,
-                "block_size": call.opts.block_size,
-                "iterations": item.iterations,
-                "new_tokens": item.new_tokens,
-                "passes_per_token": round(item.passes_per_token, 4),
-                "converged": item.converged,
-                "finish_reason": item.finish_reason,
-                "prompt": call.sources[i],
-                **base,
-                "latency_ms": latency_ms,
-                "server_ms": None if server_ms is None else round(float(server_ms), 3),
-            })
+            out[i] = self._refined_outcome(call, i, item, result.model, server_ms)
         return out
+
+    def _failed_outcome(self, call: _Call, i: int, error: BaseException, text: str) -> Outcome:
+        return Outcome(text, False, {"refined": False, "reason": REFINER_FAILED, "error": f"{type(error).__name__}: "
+                                     f"{error}", "prompt": call.sources[i], "backend": self.backend})
+
+    def _refined_outcome(self, call: _Call, i: int, item: RefinedItem, model: str | None,
+                         server_ms: float | None) -> Outcome:
+        return Outcome(item.text, True, {
+            "refined": True,
+            "model": model,
+            "block_size": call.opts.block_size,
+            "iterations": item.iterations,
+            "new_tokens": item.new_tokens,
+            "passes_per_token": round(item.passes_per_token, 4),
+            "converged": item.converged,
+            "finish_reason": item.finish_reason,
+            "prompt": call.sources[i],
+            "backend": self.backend,
+            "latency_ms": round((time.perf_counter() - call.started) * 1000, 3),
+            "server_ms": None if server_ms is None else round(float(server_ms), 3),
+        })
+
+    def _open_stream(self, items: Sequence[RefineItem | dict[str, Any]], options: dict[str, Any],
+                     fail_open: bool | None, prompt_sources: Sequence[str] | None) -> _Streaming:
+        fail_open = self.settings.fail_open if fail_open is None else fail_open
+        return _Streaming(self, self._begin(items, options, prompt_sources, strict=not fail_open), fail_open)
+
+
+class _Streaming:
+    """One streaming call, written once for both clients: wire events in, :class:`StreamPiece`s out.
+
+    The call's span is current only while the call's own code runs (in a context of its
+    own, entered around each transport step), never in the caller's code between pieces.
+    """
+
+    def __init__(self, core: _ClientCore, call: _Call, fail_open: bool) -> None:
+        self.core, self.call, self.fail_open = core, call, fail_open
+        self.context = contextvars.copy_context()
+        self.streamed: dict[int, str] = {i: "" for i in call.todo}
+        self.items: dict[int, RefinedItem] = {}
+        self.model: str | None = core.model
+        self.offset = 0
+        self.span_cm = core._span(call) if call.todo else None
+        self.span: Span | None = self.context.run(self.span_cm.__enter__) if self.span_cm else None
+        self.closed = False
+
+    def opening(self) -> list[StreamPiece]:
+        """Items held back for want of a prompt: their draft, whole, at once."""
+        held = self.core._outcomes(self.call, None)
+        return [StreamPiece(i, o.text, o) for i, o in enumerate(held) if i not in self.streamed]
+
+    def on_event(self, event: StreamEvent) -> list[StreamPiece]:
+        i = self.call.todo[self.offset + event.index]
+        if isinstance(event, StreamDelta):
+            self.streamed[i] += event.text
+            return [StreamPiece(i, event.text)] if event.text else []
+        self.items[i] = event.item
+        self.model = event.model or self.model
+        rest = event.item.text[len(self.streamed[i]):] if event.item.text.startswith(self.streamed[i]) else ""
+        self.streamed[i] += rest
+        outcome = self.core._refined_outcome(self.call, i, event.item, self.model, None)
+        outcome.text = self.streamed[i]  # exactly what went out
+        return [StreamPiece(i, rest, outcome)]
+
+    def failed(self, error: BaseException) -> list[StreamPiece]:
+        """Fail-open: every unfinished item goes on with the rest of its draft (strict: raise)."""
+        assert self.span is not None
+        self.core._failed(self.span, error, self.fail_open)
+        self.end(error)
+        if not self.fail_open:
+            raise error
+        pieces = []
+        for i, text in self.streamed.items():
+            if i in self.items:
+                continue
+            rest = draft_rest(text, self.call.items[i].draft)
+            outcome = self.core._failed_outcome(self.call, i, error, text + rest)
+            outcome.info["streamed_chars"] = len(text)
+            pieces.append(StreamPiece(i, rest, outcome))
+        return pieces
+
+    def end(self, error: BaseException | None = None) -> None:
+        """Close the call's span (once), recording the answer when every item came back."""
+        if self.closed or self.span_cm is None:
+            return
+        self.closed = True
+        if error is None and len(self.items) == len(self.call.todo) and self.span is not None:
+            resp = RefineResponse(items=[self.items[i] for i in self.call.todo], model=self.model or "")
+            self.context.run(self.core._succeeded, self.span, resp)
+        self.context.run(self.span_cm.__exit__, None, None, None)
 
 
 class RefinerClient(_ClientCore):
@@ -270,6 +394,32 @@ class RefinerClient(_ClientCore):
             result.value = _merge([self.transport.send(batch, call.opts, call.deadline, result.span)
                                    for batch in call.batches(self.transport.max_items)])
         return result.value
+
+    def stream(self, items: Sequence[RefineItem | dict[str, Any]], *, fail_open: bool | None = None,
+               prompt_sources: Sequence[str] | None = None, **options: Any) -> Iterator[StreamPiece]:
+        """The refined text as the refiner verifies it, one :class:`StreamPiece` at a time.
+
+        Fail-open (the default from the settings) never loses a draft: one without a prompt
+        comes back whole, and a refiner failing mid-stream is followed by the rest of the
+        draft; each item's last piece carries its :class:`Outcome`. ``fail_open=False`` raises.
+        """
+        s = self._open_stream(items, options, fail_open, prompt_sources)
+        yield from s.opening()
+        if not s.call.todo:
+            return
+        events: Iterator[StreamEvent] | None = None
+        try:
+            for s.offset, batch in s.call.offsets(self.transport.max_items):
+                events = s.context.run(self.transport.stream, batch, s.call.opts, s.call.deadline, s.span)
+                while (event := s.context.run(next, events, None)) is not None:
+                    yield from s.on_event(event)
+                s.context.run(events.close)  # type: ignore[attr-defined]
+        except Exception as e:
+            yield from s.failed(e)
+        finally:
+            if events is not None:
+                s.context.run(events.close)  # type: ignore[attr-defined]
+            s.end()
 
     def close(self) -> None:
         self.transport.close()
@@ -306,6 +456,29 @@ class AsyncRefinerClient(_ClientCore):
             result.value = _merge(await asyncio.gather(*sends))
         return result.value
 
+    async def stream(self, items: Sequence[RefineItem | dict[str, Any]], *, fail_open: bool | None = None,
+                     prompt_sources: Sequence[str] | None = None, **options: Any) -> AsyncIterator[StreamPiece]:
+        """See :meth:`RefinerClient.stream`."""
+        s = self._open_stream(items, options, fail_open, prompt_sources)
+        for piece in s.opening():
+            yield piece
+        if not s.call.todo:
+            return
+        events: AsyncIterator[StreamEvent] | None = None
+        try:
+            for s.offset, batch in s.call.offsets(self.transport.max_items):
+                events = s.context.run(self.transport.stream, batch, s.call.opts, s.call.deadline, s.span)
+                while (event := await _step(s.context, events)) is not None:
+                    for piece in s.on_event(event):
+                        yield piece
+        except Exception as e:
+            for piece in s.failed(e):
+                yield piece
+        finally:
+            if events is not None:
+                await asyncio.create_task(_aclose(events), context=s.context)
+            s.end()
+
     async def aclose(self) -> None:
         await self.transport.aclose()
 
@@ -314,3 +487,19 @@ class AsyncRefinerClient(_ClientCore):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+async def _step(context: contextvars.Context, events: AsyncIterator[StreamEvent]) -> StreamEvent | None:
+    """The next event, computed in the call's own context (its span current); None at the end."""
+    return await asyncio.create_task(_anext(events), context=context)
+
+
+async def _aclose(events: AsyncIterator[StreamEvent]) -> None:
+    await events.aclose()  # type: ignore[attr-defined]
+
+
+async def _anext(events: AsyncIterator[StreamEvent]) -> StreamEvent | None:
+    try:
+        return await events.__anext__()
+    except StopAsyncIteration:
+        return None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import email.utils
 import itertools
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -32,9 +32,18 @@ from tenacity import (
 
 from .. import tracing
 from ..errors import ContextLengthError, InvalidRequestError, ModelNotFoundError, RefinerUnavailableError
-from ..protocol import MAX_ITEMS_PER_REQUEST, RefineItem, RefineOptions, RefineRequest, RefineResponse
+from ..protocol import (
+    MAX_ITEMS_PER_REQUEST,
+    ErrorBody,
+    RefineItem,
+    RefineOptions,
+    RefineRequest,
+    RefineResponse,
+    StreamDelta,
+    StreamItem,
+)
 from ..settings import DiffPOSettings
-from .core import AsyncRefinerClient, RefinerClient
+from .core import AsyncRefinerClient, RefinerClient, StreamEvent
 
 __all__ = ["AsyncDiffPOClient", "AsyncHTTPTransport", "DiffPOClient", "HTTPTransport"]
 
@@ -90,6 +99,51 @@ def _error_from(resp: httpx.Response, endpoint: str) -> Exception:
     if status in (401, 403):
         return RefinerUnavailableError(f"{text} (set the API key: DIFFPO_API_KEY or api_key=...)", status_code=status)
     return RefinerUnavailableError(text, status_code=status)
+
+
+class _SSEReader:
+    """Server-Sent Event lines in, wire events out (the ``POST /v1/refine`` stream schema).
+
+    An ``error`` event raises; ``done`` ends the stream; a stream that ends without
+    ``done`` was cut, and raises too, so a caller never takes half an answer for a whole one.
+    """
+
+    def __init__(self, url: str, deadline: float) -> None:
+        self.url, self.deadline = url, deadline
+        self.event: str = "message"
+        self.data: list[str] = []
+        self.done = False
+
+    def feed(self, line: str) -> StreamEvent | None:
+        if time.monotonic() > self.deadline:
+            raise RefinerUnavailableError(f"the call's deadline passed while {self.url} was streaming")
+        if line:
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if name == "event":
+                self.event = value
+            elif name == "data":
+                self.data.append(value)
+            return None
+        event, data = self.event, "\n".join(self.data)
+        self.event, self.data = "message", []
+        if not data:
+            return None
+        if event == "delta":
+            return StreamDelta.model_validate_json(data)
+        if event == "item":
+            return StreamItem.model_validate_json(data)
+        if event == "error":
+            error = ErrorBody.model_validate_json(data).error
+            raise RefinerUnavailableError(f"{self.url} failed mid-stream: {error.get('message', error)}",
+                                          status_code=error.get("code"))
+        if event == "done":
+            self.done = True
+        return None
+
+    def end(self) -> None:
+        if not self.done:
+            raise RefinerUnavailableError(f"the stream from {self.url} was cut before its end")
 
 
 class _Endpoints:
@@ -189,9 +243,15 @@ class _HTTPAttempts:
             return 0.0  # fail over to another endpoint at once
         return max(self._wait_backoff(state), delay or 0.0)
 
-    def body(self, items: list[RefineItem], opts: RefineOptions) -> bytes:
-        req = RefineRequest.model_construct(items=items, **opts.model_dump())
-        return req.model_dump_json(exclude_none=True).encode()
+    def body(self, items: list[RefineItem], opts: RefineOptions, stream: bool = False) -> bytes:
+        req = RefineRequest.model_construct(items=items, stream=stream, **opts.model_dump())
+        return req.model_dump_json(exclude_none=True, exclude=None if stream else {"stream"}).encode()
+
+    def request(self, client: httpx.Client | httpx.AsyncClient, url: str, body: bytes, headers: dict[str, str],
+                timeout: httpx.Timeout) -> httpx.Request:
+        """A streamed ``POST /v1/refine``."""
+        return client.build_request("POST", url + REFINE_PATH, content=body, timeout=timeout,
+                                    headers={**headers, "accept": "text/event-stream"})
 
     @contextmanager
     def sending(self, span: Span) -> Iterator[_Sent]:
@@ -263,6 +323,29 @@ class HTTPTransport(_HTTPAttempts):
                                                            timeout=timeout))
         return out
 
+    def stream(self, items: list[RefineItem], opts: RefineOptions, deadline: float,
+               span: Span) -> Iterator[StreamEvent]:
+        """Events as the server verifies text; retried (like ``send``) only until the stream opens."""
+        body = self.body(items, opts, stream=True)
+        with self.sending(span) as sent:
+            for attempt in Retrying(**self.policy(deadline)):
+                with attempt, self.attempt(sent, deadline) as (url, headers, timeout):
+                    resp = self._http.send(self.request(self._http, url, body, headers, timeout), stream=True)
+                    if resp.status_code != 200:
+                        resp.read()
+                        resp.close()
+                        self.finish(url, resp)
+        reader = _SSEReader(url, deadline)
+        try:
+            for line in resp.iter_lines():
+                if (event := reader.feed(line)) is not None:
+                    yield event
+            reader.end()
+        except httpx.HTTPError as e:
+            raise RefinerUnavailableError(f"the stream from {url} broke: {type(e).__name__}: {e}") from e
+        finally:
+            resp.close()
+
     def close(self) -> None:
         self._http.close()
 
@@ -283,6 +366,29 @@ class AsyncHTTPTransport(_HTTPAttempts):
                     out = self.finish(url, await self._http.post(url + REFINE_PATH, content=body, headers=headers,
                                                                  timeout=timeout))
         return out
+
+    async def stream(self, items: list[RefineItem], opts: RefineOptions, deadline: float,
+                     span: Span) -> AsyncIterator[StreamEvent]:
+        """See :meth:`HTTPTransport.stream`."""
+        body = self.body(items, opts, stream=True)
+        with self.sending(span) as sent:
+            async for attempt in AsyncRetrying(**self.policy(deadline)):
+                with attempt, self.attempt(sent, deadline) as (url, headers, timeout):
+                    resp = await self._http.send(self.request(self._http, url, body, headers, timeout), stream=True)
+                    if resp.status_code != 200:
+                        await resp.aread()
+                        await resp.aclose()
+                        self.finish(url, resp)
+        reader = _SSEReader(url, deadline)
+        try:
+            async for line in resp.aiter_lines():
+                if (event := reader.feed(line)) is not None:
+                    yield event
+            reader.end()
+        except httpx.HTTPError as e:
+            raise RefinerUnavailableError(f"the stream from {url} broke: {type(e).__name__}: {e}") from e
+        finally:
+            await resp.aclose()
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -11,14 +11,15 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import AsyncIterator, Iterator
 
 from opentelemetry.trace import Span
 
 from ..engine_protocol import RefinerEngineProtocol
 from ..errors import DiffPOError, RefinerUnavailableError
-from ..protocol import RefineItem, RefineOptions, RefineResponse
+from ..protocol import RefineItem, RefineOptions, RefineResponse, StreamDelta, StreamItem
 from ..settings import DiffPOSettings
-from .core import AsyncRefinerClient, RefinerClient
+from .core import AsyncRefinerClient, RefinerClient, StreamEvent
 
 __all__ = ["AsyncEngineTransport", "AsyncInProcessClient", "EngineTransport", "InProcessClient"]
 
@@ -78,6 +79,25 @@ class EngineTransport:
         return RefineResponse(items=[r.to_wire() for r in results], model=engine.model_name,
                               timing={"total_ms": round(total_ms, 3)})
 
+    def stream(self, items: list[RefineItem], opts: RefineOptions, deadline: float,
+               span: Span) -> Iterator[StreamEvent]:
+        """``engine.refine_stream`` as wire events; closing this stream cancels the engine's rows."""
+        engine = self.engine  # like send: not bound by the call's deadline (see the class docstring)
+        deltas = engine.refine_stream(items, **opts.model_dump())
+        try:
+            for d in deltas:
+                if d.token_ids or d.text:
+                    yield StreamDelta(index=d.index, text=d.text, token_ids=list(d.token_ids))
+                result = getattr(d, "result", None)
+                if result is not None:
+                    yield StreamItem(index=d.index, item=result.to_wire(), model=engine.model_name)
+        except DiffPOError:
+            raise
+        except Exception as e:  # a crash in the engine is an outage, not bad input
+            raise RefinerUnavailableError(f"in-process refiner failed: {type(e).__name__}: {e}") from e
+        finally:
+            deltas.close()  # type: ignore[attr-defined]
+
     def close(self) -> None:
         """Nothing to release: the engine stays loaded for the process."""
 
@@ -99,6 +119,16 @@ class AsyncEngineTransport:
     async def send(self, items: list[RefineItem], opts: RefineOptions, deadline: float,
                    span: Span) -> RefineResponse:
         return await asyncio.to_thread(self.sync.send, items, opts, deadline, span)
+
+    async def stream(self, items: list[RefineItem], opts: RefineOptions, deadline: float,
+                     span: Span) -> AsyncIterator[StreamEvent]:
+        """:meth:`EngineTransport.stream` stepped in a worker thread, so the event loop stays free."""
+        events = self.sync.stream(items, opts, deadline, span)
+        try:
+            while (event := await asyncio.to_thread(next, events, None)) is not None:
+                yield event
+        finally:
+            await asyncio.to_thread(events.close)
 
     async def aclose(self) -> None:
         """Nothing to release: the engine stays loaded for the process."""

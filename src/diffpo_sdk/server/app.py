@@ -12,7 +12,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import __version__
 from ..engine_protocol import RefinerEngineProtocol
 from ..errors import ContextLengthError, InvalidRequestError
-from ..protocol import ErrorBody, RefineRequest, RefineResponse
+from ..protocol import ErrorBody, RefineRequest, RefineResponse, StreamDelta, StreamDone, StreamItem
 from .batcher import (
     Batcher,
     DeadlineExceededError,
@@ -37,7 +37,7 @@ from .batcher import (
 from .config import ServerConfig
 from .metrics import Metrics
 from .proxy import add_chat_routes
-from .responses import error_response
+from .responses import EventStream, error_response, sse, stream_error
 from .state import ClientDisconnectedError, NotReadyError, ServerState, until_disconnect
 
 log = logging.getLogger("diffpo_sdk.server")
@@ -101,13 +101,20 @@ def create_app(
     app.state.diffpo = state
     _add_error_handlers(app, state)
 
-    @app.post("/v1/refine", response_model=RefineResponse, responses=ERROR_RESPONSES)
-    async def refine(body: RefineRequest, request: Request) -> RefineResponse:
-        """Refine each item's draft; items come back in request order."""
+    @app.post("/v1/refine", response_model=RefineResponse, responses={
+        **ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}},
+                                 "description": "with stream: true, Server-Sent Events (see docs/serving.md)"}})
+    async def refine(body: RefineRequest, request: Request) -> Any:
+        """Refine each item's draft; items come back in request order. ``stream: true``: Server-Sent Events."""
         t0 = time.monotonic()
         batcher = state.ready_batcher()
         key = state.resolve_options(body)
         await state.check_items(body.items, key)
+        if body.stream:
+            deltas = batcher.stream(body.items, key)
+            # the first increment is awaited here, so a full queue or a deadline is still a plain 429/503
+            first = await until_disconnect(request, _next(deltas))
+            return EventStream(_refine_events(state, body, deltas, first, t0))
         results, stats = await until_disconnect(request, batcher.refine(body.items, key))
         if config.log_content:
             for item, res in zip(body.items, results):
@@ -147,6 +154,41 @@ def create_app(
     app.add_middleware(ApiKeyAuth, state=state)
     app.add_middleware(Observe, state=state)
     return app
+
+
+async def _next(deltas: AsyncIterator[Any]) -> Any:
+    return await deltas.__anext__()
+
+
+async def _refine_events(state: ServerState, body: RefineRequest, deltas: AsyncIterator[Any], first: Any,
+                         t0: float) -> AsyncIterator[str]:
+    """``delta`` events as the batcher verifies text, ``item`` per finished item, then ``done``;
+    a failure on the way is an ``error`` event before ``done``, never a cut stream."""
+    model = state.engine.model_name
+    try:
+        d = first
+        while True:
+            if d.token_ids or d.text:
+                yield sse(StreamDelta(index=d.index, text=d.text, token_ids=list(d.token_ids)), "delta")
+            if d.result is not None:
+                yield sse(StreamItem(index=d.index, item=d.result.to_wire(), model=model), "item")
+                if state.config.log_content:
+                    item = body.items[d.index]
+                    log.info("refined item: prompt=%r draft=%r answer=%r", item.conversation(), item.draft,
+                             d.result.text)
+            try:
+                d = await deltas.__anext__()
+            except StopAsyncIteration:
+                break
+    except Exception as e:  # noqa: BLE001 (the 200 is out: the failure goes into the stream)
+        state.metrics.errors.labels("stream_failed").inc()
+        log.warning("a streamed refinement failed mid-stream: %s", type(e).__name__)
+        yield sse(stream_error(e), "error")
+        yield sse(StreamDone(ok=False, model=model), "done")
+        return
+    finally:
+        await deltas.aclose()  # type: ignore[attr-defined]  (a hang-up drops this request's rows now)
+    yield sse(StreamDone(model=model, timing={"total_ms": 1000 * (time.monotonic() - t0)}), "done")
 
 
 async def _load(state: ServerState, loader: Callable[[], RefinerEngineProtocol]) -> None:

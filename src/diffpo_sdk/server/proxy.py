@@ -9,13 +9,19 @@ answers pass through untouched; an answer after tool results is refined, with th
 traffic as text turns of its prompt. If the refiner cannot help (queue full, deadline, a conversation its template
 cannot take), the upstream answer is returned as is, marked ``"diffpo": {"refined": false}``:
 the user's answer is never lost because refinement failed.
+
+``stream: true``: the upstream answer is drafted whole, then the refined text goes out as
+``chat.completion.chunk`` events as the passes verify it (:meth:`Batcher.stream`). A
+replaced text has ``logprobs: null`` (the upstream's no longer describe it); the usage
+chunk (``choices: []``) comes only with ``stream_options.include_usage``; a refiner failure
+mid-stream goes on with the rest of the draft (fail-open), anything else ends the stream
+with an error event and ``[DONE]``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib
-import json
 import logging
 import time
 import uuid
@@ -23,11 +29,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from .._convert import conversation as to_conversation
 from ..answers import openai_pass_through_reason, refined_finish_reason
+from ..client.core import draft_rest
 from ..errors import InvalidRequestError
 from ..protocol import RefineItem, RefineOptions
 from .batcher import (
@@ -37,7 +44,7 @@ from .batcher import (
     QueueFullError,
     ShuttingDownError,
 )
-from .responses import error_response
+from .responses import EventStream, error_response, sse, stream_error
 from .state import ServerState, until_disconnect
 
 log = logging.getLogger("diffpo_sdk.server")
@@ -70,7 +77,41 @@ class ChatCompletionRequest(BaseModel):
     model: str | None = Field(None, description="upstream LiteLLM model id; the server's --upstream-model if absent")
     messages: list[ChatMessage] = Field(..., min_length=1)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     diffpo: RefineOptions | None = Field(None, description="refiner options (block_size, max_new_tokens, ...)")
+
+
+class StreamOptions(BaseModel):
+    """OpenAI ``stream_options``: ``include_usage`` asks for a last chunk with ``usage`` and ``choices: []``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: bool = False
+
+
+class ChatChoice(BaseModel):
+    """One answer of a ``chat.completion``; a refined one has ``logprobs: null``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    index: int
+    message: dict[str, Any]
+    finish_reason: str | None = None
+    logprobs: dict[str, Any] | None = None
+
+
+class ChatCompletion(BaseModel):
+    """The OpenAI ``chat.completion`` the proxy answers, with the refinement's stats under ``diffpo``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    object: str = "chat.completion"
+    created: int
+    model: str | None = None
+    choices: list[ChatChoice]
+    usage: dict[str, Any] | None = None
+    diffpo: dict[str, Any] = Field(description="refined (bool); refiner, items (per choice stats), timing; or reason")
 
 
 class UpstreamError(Exception):
@@ -88,7 +129,9 @@ def add_chat_routes(app: FastAPI, state: ServerState) -> None:
         headers = {"Retry-After": exc.retry_after} if exc.retry_after else None
         return error_response(exc.status, "upstream_error", str(exc), headers)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={
+        200: {"content": {"text/event-stream": {}},
+              "description": "with stream: true, chat.completion.chunk Server-Sent Events (see docs/serving.md)"}})
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         """OpenAI-compatible: upstream answer, refined. ``stream: true`` gives Server-Sent Events."""
         batcher = state.ready_batcher()
@@ -119,8 +162,8 @@ def add_chat_routes(app: FastAPI, state: ServerState) -> None:
                 reason = str(e)
                 items = []
         if body.stream:
-            gen = _stream(state, upstream, items, targets, key, reason)
-            return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            return EventStream(_stream(state, upstream, items, targets, key, reason, usage))
         if not items:
             upstream["diffpo"] = {"refined": False, "reason": reason}
             return upstream
@@ -133,6 +176,7 @@ def add_chat_routes(app: FastAPI, state: ServerState) -> None:
         for i, res in zip(targets, results):
             upstream["choices"][i]["message"]["content"] = res.text
             upstream["choices"][i]["finish_reason"] = refined_finish_reason(res.finish_reason)
+            upstream["choices"][i]["logprobs"] = None  # the upstream's describe a text no longer there
         upstream["diffpo"] = _stats(state, results, stats)
         _log_content(state, messages, items, results)
         return upstream
@@ -194,33 +238,6 @@ def _log_content(state: ServerState, messages: list[dict], items: list[RefineIte
 # -- streaming ---------------------------------------------------------------------------------
 
 
-class IncrementalText:
-    """Token ids in, new text out; holds back an incomplete UTF-8 character at the end."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer, self.ids, self.text = tokenizer, [], ""
-
-    def push(self, ids: list[int]) -> str:
-        self.ids += ids
-        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if full.endswith("\ufffd") or not full.startswith(self.text):
-            return ""
-        new, self.text = full[len(self.text):], full
-        return new
-
-    def finish(self, final: str) -> str:
-        """The rest of the final text, if what was streamed is its prefix (it always should be)."""
-        if final.startswith(self.text):
-            new, self.text = final[len(self.text):], final
-            return new
-        log.warning("streamed text diverged from the final answer; the final diffpo field has the stats")
-        return ""
-
-
-def _sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
 async def _stream(
     state: ServerState,
     upstream: dict[str, Any],
@@ -228,8 +245,9 @@ async def _stream(
     targets: list[int],
     key: OptionsKey,
     reason: str,
+    include_usage: bool,
 ) -> AsyncIterator[str]:
-    """The refined answer as it is decided, as OpenAI ``chat.completion.chunk`` events."""
+    """The refined answer as the passes verify it, as OpenAI ``chat.completion.chunk`` events."""
     base = {
         "id": upstream.get("id") or f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion.chunk",
@@ -237,53 +255,61 @@ async def _stream(
         "model": upstream.get("model"),
     }
     choices = upstream.get("choices") or []
+    index = {i: ch.get("index", i) for i, ch in enumerate(choices)}
 
-    def chunk(index: int, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
-        return _sse({**base, "choices": [{"index": index, "delta": delta, "finish_reason": finish}], **extra})
+    def chunk(i: int, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+        choice = {"index": index[i], "delta": delta, "finish_reason": finish, "logprobs": None}
+        return sse({**base, "choices": [choice], **extra})
 
-    for ch in choices:
-        yield chunk(ch.get("index", 0), {"role": "assistant"})
+    for i in range(len(choices)):
+        yield chunk(i, {"role": "assistant"})
     finish = {i: ch.get("finish_reason") or "stop" for i, ch in enumerate(choices)}
     diffpo: dict[str, Any] = {"refined": False, "reason": reason}
 
     if items:
-        events: asyncio.Queue = asyncio.Queue()
-        texts = [IncrementalText(state.engine.tokenizer) for _ in items]
-        task = asyncio.ensure_future(
-            state.ready_batcher().refine(items, key, on_tokens=lambda k, ids: events.put_nowait((k, ids)))
-        )
-        task.add_done_callback(lambda _: events.put_nowait(None))
+        streamed = ["" for _ in items]
+        results: dict[int, Any] = {}
+        deltas = state.ready_batcher().stream(items, key)
         try:
-            while (event := await events.get()) is not None:
-                k, ids = event
-                if new := texts[k].push(ids):
-                    yield chunk(targets[k], {"content": new})
-            results, stats = task.result()
-        except FAIL_OPEN as e:
+            async for d in deltas:
+                if d.text:
+                    streamed[d.index] += d.text
+                    yield chunk(targets[d.index], {"content": d.text})
+                if d.result is not None:
+                    results[d.index] = d.result
+        except FAIL_OPEN as e:  # the refiner gave up: the rest of each draft follows, marked unrefined
             state.metrics.errors.labels("refine_failed_open").inc()
-            diffpo = {"refined": False, "reason": str(e), "partial": any(t.text for t in texts)}
-            for k, i in enumerate(targets):
-                if not texts[k].text:  # nothing streamed yet: the draft is still whole
-                    yield chunk(i, {"content": items[k].draft})
+            diffpo = {"refined": False, "reason": str(e), "partial": any(streamed)}
+            for k, item in enumerate(items):
+                if k not in results and (rest := draft_rest(streamed[k], item.draft)):
+                    yield chunk(targets[k], {"content": rest})
+        except Exception as e:  # noqa: BLE001 (the 200 is out: say so in the stream, never just stop)
+            state.metrics.errors.labels("stream_failed").inc()
+            log.warning("a streamed chat completion failed mid-stream: %s", type(e).__name__)
+            yield sse(stream_error(e))
+            yield "data: [DONE]\n\n"
+            return
         else:
-            for k, (i, res) in enumerate(zip(targets, results)):
-                if rest := texts[k].finish(res.text):
-                    yield chunk(i, {"content": rest})
-                finish[i] = refined_finish_reason(res.finish_reason)
-            diffpo = _stats(state, results, stats)
+            ordered = [results[k] for k in range(len(items))]
+            for k, res in enumerate(ordered):
+                finish[targets[k]] = refined_finish_reason(res.finish_reason)
+            diffpo = _stats(state, ordered, {})
+            _log_content(state, [], items, ordered)
         finally:
-            if not task.done():  # the client went away mid-stream: stop spending compute
-                task.cancel()
+            await deltas.aclose()  # type: ignore[attr-defined]  (a hang-up drops this request's rows now)
 
-    untouched = set(range(len(choices))) - set(targets) if items else set(range(len(choices)))
-    for i in sorted(untouched):
+    untouched = sorted(set(range(len(choices))) - (set(targets) if items else set()))
+    for i in untouched:
         msg = choices[i].get("message") or {}
         delta = {k: msg[k] for k in ("content", "function_call") if msg.get(k)}
         if msg.get("tool_calls"):  # streamed tool calls carry their position
             delta["tool_calls"] = [{**tc, "index": n} for n, tc in enumerate(msg["tool_calls"])]
         if delta:
-            yield chunk(choices[i].get("index", i), delta)
-    for i, ch in enumerate(choices):
-        yield chunk(ch.get("index", i), {}, finish[i])
-    yield _sse({**base, "choices": [], "usage": upstream.get("usage"), "diffpo": diffpo})
+            yield sse({**base, "choices": [{"index": index[i], "delta": delta, "finish_reason": None,
+                                            "logprobs": choices[i].get("logprobs")}]})
+    for i in range(len(choices)):
+        last = i == len(choices) - 1
+        yield chunk(i, {}, finish[i], **({"diffpo": diffpo} if last else {}))
+    if include_usage:
+        yield sse({**base, "choices": [], "usage": upstream.get("usage")})
     yield "data: [DONE]\n\n"
