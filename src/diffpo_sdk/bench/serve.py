@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gzip
 import json
 import os
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -238,28 +240,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@contextlib.contextmanager
+def served(args: argparse.Namespace, name: str) -> Iterator[str]:
+    """The URL of ``--endpoint``, or of a server started for this benchmark and stopped after it."""
+    if args.endpoint:
+        yield args.endpoint.rstrip("/")
+        return
+    log_path = Path(tempfile.mkdtemp(prefix=f"diffpo-bench-{name}-")) / "server.log"
+    print(f"starting the server ({args.model}); its log: {log_path}", flush=True)
+    proc, url = start_server(args, log_path)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def write_result(result: dict[str, Any], out: str | None) -> None:
+    """The result as JSON at ``--out``, if given."""
+    if out:
+        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    proc = None
-    log_path = Path(tempfile.mkdtemp(prefix="diffpo-bench-serve-")) / "server.log"
-    try:
-        if args.endpoint:
-            url = args.endpoint.rstrip("/")
-        else:
-            print(f"starting the server ({args.model}); its log: {log_path}", flush=True)
-            proc, url = start_server(args, log_path)
+    with served(args, "serve") as url:
         result = asyncio.run(bench(args, url))
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=30)
     print_table(result)
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_result(result, args.out)
     errors = sum(sum(lv["errors"].values()) for lv in result["levels"]) + sum((result["soak"] or {}).get("errors", {}).values())
     return 1 if errors else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

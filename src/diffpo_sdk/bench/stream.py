@@ -21,7 +21,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from typing import Any
 import httpx
 
 from ..protocol import parse_block_size
-from .serve import load_items, start_server
+from .serve import load_items, served, write_result
 
 
 def timed_plain(client: httpx.Client, body: dict[str, Any]) -> tuple[float, str]:
@@ -139,25 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    proc = None
-    log_path = Path(tempfile.mkdtemp(prefix="diffpo-bench-stream-")) / "server.log"
-    try:
-        if args.endpoint:
-            url = args.endpoint.rstrip("/")
-        else:
-            print(f"starting the server ({args.model}); its log: {log_path}", flush=True)
-            proc, url = start_server(args, log_path)
+    with served(args, "stream") as url:
         result = bench(args, url)
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=30)
     print_table(result)
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_result(result, args.out)
     return 0 if result["fixed_point"]["all_same_text"] and result["real"]["all_same_text"] else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())
