@@ -22,24 +22,24 @@ __version__ = "0.1.0"
 
 #: public name -> module that defines it, imported on first access
 _LAZY = {
-    "DiffPORefiner": "diffpo_sdk.runnable",
+    "DiffPORefiner": "diffpo_sdk.adapters.runnable",
     "DiffPOClient": "diffpo_sdk.client",
     "AsyncDiffPOClient": "diffpo_sdk.client",
-    "completion": "diffpo_sdk.litellm",
-    "acompletion": "diffpo_sdk.litellm",
+    "completion": "diffpo_sdk.adapters.litellm",
+    "acompletion": "diffpo_sdk.adapters.litellm",
     "DiffPOSettings": "diffpo_sdk.settings",
     "InProcessClient": "diffpo_sdk.client",
     "AsyncInProcessClient": "diffpo_sdk.client",
-    "ChatDiffPO": "diffpo_sdk.chat_model",
-    "DiffPOMiddleware": "diffpo_sdk.agents",
+    "ChatDiffPO": "diffpo_sdk.adapters.chat_model",
+    "DiffPOMiddleware": "diffpo_sdk.adapters.agents",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .agents import DiffPOMiddleware
-    from .chat_model import ChatDiffPO
+    from .adapters.agents import DiffPOMiddleware
+    from .adapters.chat_model import ChatDiffPO
+    from .adapters.litellm import acompletion, completion
+    from .adapters.runnable import DiffPORefiner
     from .client import AsyncDiffPOClient, AsyncInProcessClient, DiffPOClient, InProcessClient
-    from .litellm import acompletion, completion
-    from .runnable import DiffPORefiner
     from .settings import DiffPOSettings
 
 

@@ -72,7 +72,7 @@ def run(calls: int = 500, warmup: int = 50, endpoint: str | None = None) -> dict
     from langchain_core.messages import AIMessage
 
     from ..client import DiffPOClient, InProcessClient, use_shared_client
-    from ..runnable import DiffPORefiner
+    from ..adapters.runnable import DiffPORefiner
     from ..settings import DiffPOSettings
 
     server = None

@@ -4,7 +4,7 @@ The request goes to the upstream LLM through LiteLLM (any provider; keys come fr
 server's environment), the upstream answer becomes the draft, the loaded refiner rewrites
 it, and the client gets an OpenAI ``chat.completion`` back: upstream ``usage`` kept, the
 refinement's stats in an extra ``diffpo`` field. Which answers are refined is the rule
-every surface shares (:mod:`diffpo_sdk.answers`): tool calls, structured output and empty
+every surface shares (:mod:`diffpo_sdk.adapters.answers`): tool calls, structured output and empty
 answers pass through untouched; an answer after tool results is refined, with the tool
 traffic as text turns of its prompt. If the refiner cannot help (queue full, deadline, a conversation its template
 cannot take), the upstream answer is returned as is, marked ``"diffpo": {"refined": false}``:
@@ -32,8 +32,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from .._convert import conversation as to_conversation
-from ..answers import openai_pass_through_reason, refined_finish_reason
+from ..adapters.convert import conversation as to_conversation
+from ..adapters.answers import openai_pass_through_reason, refined_finish_reason
 from ..client.core import draft_rest
 from ..errors import InvalidRequestError
 from ..protocol import RefineItem, RefineOptions

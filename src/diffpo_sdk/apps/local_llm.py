@@ -9,7 +9,7 @@ it two ways:
 - a LiteLLM custom provider: ``register()`` then
   ``litellm.completion(model="local/smollm2-135m-instruct", messages=...)``;
 - an OpenAI-compatible HTTP endpoint on loopback:
-  ``python -m diffpo_sdk.local_llm --port 8001`` (``POST /v1/chat/completions``), usable as
+  ``python -m diffpo_sdk.apps.local_llm --port 8001`` (``POST /v1/chat/completions``), usable as
   the refining proxy's upstream (``diffpo serve --upstream-api-base http://127.0.0.1:8001/v1``).
 
 Needs the ``engine`` extra (torch, transformers); ``import diffpo_sdk`` never imports it.
@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .generation import generate_cut
+from ..generation import generate_cut
 
 __all__ = ["Completion", "LocalChatModel", "create_app", "main", "register"]
 
@@ -67,8 +67,8 @@ class LocalChatModel:
         """Load the weights now (otherwise the first call does)."""
         with self._lock:
             if self._model is None:
-                from .engine import templating
-                from .engine.loading import (
+                from ..engine import templating
+                from ..engine.loading import (
                     load_model_and_tokenizer,
                     resolve_device,
                     resolve_dtype,
@@ -91,7 +91,7 @@ class LocalChatModel:
                 if m.get("role") in ("system", "user", "assistant")]
         if not conv or conv[-1]["role"] != "user":
             raise ValueError("the last message must be a user message")
-        from .engine import templating
+        from ..engine import templating
 
         prompt = templating.prompt_ids(self._tokenizer, conv)
         ids = torch.tensor([prompt], device=self._model.device)
@@ -247,7 +247,7 @@ def create_app(model: LocalChatModel) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m diffpo_sdk.local_llm",
+    p = argparse.ArgumentParser(prog="python -m diffpo_sdk.apps.local_llm",
                                 description="Serve a local LLM as an OpenAI-compatible endpoint on loopback.")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--device", default="cpu")

@@ -31,12 +31,12 @@ from langchain_core.runnables import (
 from langchain_core.tracers.context import register_configure_hook
 from pydantic import ConfigDict, PrivateAttr, SecretStr, model_validator
 
-from ._convert import conversation, has_tool_calls, text_of, to_messages
+from ..client import Outcome, StreamPiece, settings_key, shared_async_client, shared_client
+from ..errors import InvalidRequestError
+from ..protocol import BlockSize, RefineItem, RefineOptions
+from ..settings import Backend, DiffPOSettings
 from .answers import pass_through_reason, refined_finish_reason
-from .client import Outcome, StreamPiece, settings_key, shared_async_client, shared_client
-from .errors import InvalidRequestError
-from .protocol import BlockSize, RefineItem, RefineOptions
-from .settings import Backend, DiffPOSettings
+from .convert import conversation, has_tool_calls, text_of, to_messages
 
 __all__ = ["DiffPORefiner", "PromptCapture", "prompt_capture"]
 
@@ -188,7 +188,7 @@ class DiffPORefiner(RunnableSerializable[Any, Any]):
     AIMessage}`` → the draft's type; graph state ``{"messages": [..., AIMessage]}`` →
     ``{"messages": [refined AIMessage]}`` (same id, so ``add_messages`` replaces it).
     AIMessages with tool calls, and empty answers, pass through untouched (the rule is
-    :mod:`diffpo_sdk.answers`). When the refiner cannot answer,
+    :mod:`diffpo_sdk.adapters.answers`). When the refiner cannot answer,
     the draft comes back marked ``{"refined": False, "reason": "refiner_failed", "error": ...}``;
     a draft with no prompt (none given, none captured) comes back marked ``"reason":
     "no_prompt"``, never refined against an empty conversation. ``fail_open=False`` raises

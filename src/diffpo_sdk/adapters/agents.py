@@ -23,8 +23,8 @@ from typing import Any
 from langchain.agents.middleware import AgentMiddleware, ModelRequest, ModelResponse
 from langchain_core.messages import AIMessage, BaseMessage
 
-from ._convert import has_tool_calls, text_of
 from .answers import pass_through_reason
+from .convert import has_tool_calls, text_of
 from .runnable import DiffPORefiner
 
 __all__ = ["DiffPOMiddleware"]
@@ -33,7 +33,7 @@ __all__ = ["DiffPOMiddleware"]
 class DiffPOMiddleware(AgentMiddleware):
     """Refine the agent's final answers with a DiffPO refiner.
 
-    Takes a ready :class:`~diffpo_sdk.runnable.DiffPORefiner`, or its keyword
+    Takes a ready :class:`~diffpo_sdk.adapters.runnable.DiffPORefiner`, or its keyword
     arguments (``endpoint``, ``block_size``, ``fail_open`` ...; the rest from ``DIFFPO_*``).
     """
 

@@ -11,7 +11,7 @@ refiner fails mid-stream, the rest of the draft follows (fail-open), marked unre
 
 Only text answers are refined: choices with tool calls, structured output
 (``response_format``) and empty answers are returned untouched (the rule, shared by every
-surface, is :mod:`diffpo_sdk.answers`); a refined choice's ``finish_reason`` is the
+surface, is :mod:`diffpo_sdk.adapters.answers`); a refined choice's ``finish_reason`` is the
 refiner's (``"length"`` when it ran out of tokens, else ``"stop"``). LiteLLM is imported
 on first call.
 
@@ -30,12 +30,12 @@ from typing import Any
 
 from opentelemetry import trace
 
-from . import tracing
-from ._convert import conversation
+from .. import tracing
+from ..client import Outcome, StreamPiece, shared_async_client, shared_client
+from ..protocol import RefineItem
+from ..settings import DiffPOSettings
 from .answers import openai_pass_through_reason, refined_finish_reason
-from .client import Outcome, StreamPiece, shared_async_client, shared_client
-from .protocol import RefineItem
-from .settings import DiffPOSettings
+from .convert import conversation
 
 __all__ = ["acompletion", "aiter_in_span", "arefine_response", "arefine_stream", "completion", "refine_response",
            "refine_stream"]
@@ -57,7 +57,7 @@ class _Plan:
 
 
 def _plan(response: Any, messages: Any, settings: DiffPOSettings, request: dict[str, Any]) -> _Plan | None:
-    """The text choices to refine (the rule is :mod:`diffpo_sdk.answers`), or None when there are none."""
+    """The text choices to refine (the rule is :mod:`diffpo_sdk.adapters.answers`), or None when there are none."""
     structured = request.get("response_format") is not None
     turns = conversation(messages)
     choices = [c for c in getattr(response, "choices", None) or []

@@ -30,8 +30,8 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import Field, SecretStr
 
-from .protocol import BlockSize
-from .settings import DiffPOSettings
+from ..protocol import BlockSize
+from ..settings import DiffPOSettings
 
 __all__ = ["ChatDiffPO"]
 

@@ -2,7 +2,7 @@
 
 1. A base LLM writes drafts through a LiteLLM call. By default that LLM is local:
    SmolLM2-135M-Instruct sampled at temperature 0.7 behind a LiteLLM custom provider
-   (:mod:`diffpo_sdk.local_llm`), so no key or network is needed; ``--drafter`` takes any
+   (:mod:`diffpo_sdk.apps.local_llm`), so no key or network is needed; ``--drafter`` takes any
    LiteLLM model id instead (``gpt-4o-mini`` with ``OPENAI_API_KEY`` set, ...).
 2. ``DiffPORefiner`` (in-process backend) refines each draft with the refiner.
 3. The same refiner's plain greedy decoding (``model.generate``, one pass per token) answers
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .protocol import parse_block_size
-from .shared_data import ALPACA_PREFERENCES, shared_file
+from ..protocol import parse_block_size
+from ..shared_data import ALPACA_PREFERENCES, shared_file
 
 BUNDLED_DRAFTS = Path(__file__).resolve().parent / "data" / "drafts.jsonl"
 LOCAL_DRAFTER = "local/smollm2-135m-instruct"
@@ -171,9 +171,9 @@ def run(args: argparse.Namespace) -> list[Row]:
         import torch
 
         torch.set_num_threads(args.threads)
-    from .client import InProcessClient
-    from .runnable import DiffPORefiner
-    from .settings import DiffPOSettings
+    from ..client import InProcessClient
+    from ..adapters.runnable import DiffPORefiner
+    from ..settings import DiffPOSettings
 
     settings = DiffPOSettings(model=args.model, adapter=args.adapter, device=args.device, dtype=args.dtype,
                               backend="in_process", fail_open=False)

@@ -7,7 +7,7 @@ import sys
 
 #: subcommand -> (module with ``main(argv) -> int``, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("diffpo_sdk.demo", "draft with a local LLM through LiteLLM, refine, compare (offline)"),
+    "demo": ("diffpo_sdk.apps.demo", "draft with a local LLM through LiteLLM, refine, compare (offline)"),
     "refine": ("diffpo_sdk.engine.cli", "refine a JSONL file of drafts with a local refiner"),
     "serve": ("diffpo_sdk.server.__main__", "run the HTTP refiner server"),
     "bench": ("diffpo_sdk.bench.__main__", "benchmarks: speed | serve | client | train"),
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        from . import __version__
+        from .. import __version__
 
         print(__version__)
         return 0

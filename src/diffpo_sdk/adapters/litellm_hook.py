@@ -7,7 +7,7 @@ answer as the refiner verifies it. A request opts out with ``"diffpo_refine": fa
 its body: ``async_pre_call_hook`` takes that switch out of the request (so it never
 reaches the upstream provider) and keeps it in the request's proxy metadata. Settings come from
 ``DIFFPO_*`` environment variables (the proxy config's ``environment_variables:``
-section can set them). This module imports LiteLLM; ``diffpo_sdk.litellm`` does not.
+section can set them). This module imports LiteLLM; ``diffpo_sdk.adapters.litellm`` does not.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 from litellm.integrations.custom_logger import CustomLogger
 from opentelemetry import trace
 
+from ..settings import DiffPOSettings
 from .litellm import aiter_in_span, arefine_response, arefine_stream
-from .settings import DiffPOSettings
 
 __all__ = ["DiffPOProxyHook"]
 

@@ -1,0 +1,1 @@
+"""Framework adapters: LangChain (runnable, chat model, agent middleware) and LiteLLM (wrappers, proxy hook)."""
