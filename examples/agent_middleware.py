@@ -24,8 +24,8 @@ from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.tools import tool
 
+from diffpo_sdk import ChatDiffPO
 from diffpo_sdk.agents import DiffPOMiddleware
-from diffpo_sdk.chat_model import ChatDiffPO
 
 
 @tool

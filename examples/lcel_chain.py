@@ -15,8 +15,7 @@ from _local import LOCAL_MODEL, register_local_llm
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 
-from diffpo_sdk import DiffPORefiner
-from diffpo_sdk.chat_model import ChatDiffPO
+from diffpo_sdk import ChatDiffPO, DiffPORefiner
 
 
 def main() -> None:

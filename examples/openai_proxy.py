@@ -6,9 +6,9 @@ OpenAI chat completion with the refinement's stats in an extra ``diffpo`` field.
 
 With ``--base-url`` this talks to a proxy you run; without it, it starts everything on
 127.0.0.1 itself, offline: the local SmolLM2 as an OpenAI-compatible upstream
-(``python -m diffpo_sdk.local_llm``) and the refining proxy in front of it:
+(``python -m diffpo_sdk.apps.local_llm``) and the refining proxy in front of it:
 
-    python -m diffpo_sdk.local_llm --port 8001 &
+    python -m diffpo_sdk.apps.local_llm --port 8001 &
     OPENAI_API_KEY=unused diffpo serve --port 8000 \\
         --upstream-model openai/smollm2-135m-instruct --upstream-api-base http://127.0.0.1:8001/v1
 
@@ -55,7 +55,7 @@ def local_stack() -> Iterator[str]:
     env = {**os.environ, "OPENAI_API_KEY": "unused-local", "LITELLM_LOCAL_MODEL_COST_MAP": "True",
            "TOKENIZERS_PARALLELISM": "false"}
     llm_port, proxy_port = free_port(), free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "diffpo_sdk.local_llm", "--port", str(llm_port)], env=env)]
+    procs = [subprocess.Popen([sys.executable, "-m", "diffpo_sdk.apps.local_llm", "--port", str(llm_port)], env=env)]
     try:
         wait_ready(f"http://127.0.0.1:{llm_port}/v1/models", procs[0])
         procs.append(subprocess.Popen(

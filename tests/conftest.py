@@ -72,7 +72,8 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_path: str) 
 #: Modules whose tests need only the light client (plus test tools), unless they load a model.
 CLIENT_MODULES = {"test_client.py", "test_client_faults.py", "test_runnable.py", "test_tracing.py", "test_litellm.py", "test_agents.py"}
 #: Client tests that need the ``agents`` extra (langchain, langgraph).
-AGENTS_TESTS = {"test_runnable.py::test_langgraph_node", "test_client.py::test_import_stays_light"}
+AGENTS_TESTS = {"test_runnable.py::test_langgraph_node", "test_client.py::test_import_stays_light",
+                "test_client.py::test_old_import_paths_are_the_same_module"}
 #: Client tests that need more than the client and its test tools (LiteLLM's OTLP exporter).
 NOT_CLIENT_TESTS = {"test_tracing.py::test_litellm_span_nests_beside_the_refinement"}
 

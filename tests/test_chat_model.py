@@ -9,7 +9,7 @@ from langchain_tests.unit_tests import ChatModelUnitTests
 from test_litellm import upstream_app  # the local OpenAI-compatible upstream
 
 from diffpo_sdk.testing import EchoEngine, ServerThread, free_port, serve_engine
-from diffpo_sdk.chat_model import ChatDiffPO
+from diffpo_sdk.adapters.chat_model import ChatDiffPO
 
 
 class TestChatDiffPOStandard(ChatModelUnitTests):

@@ -109,7 +109,8 @@ def test_no_endpoint_is_a_clear_error(monkeypatch):
 
 def test_import_stays_light():
     code = ("import sys, diffpo_sdk, diffpo_sdk.client, diffpo_sdk.runnable, diffpo_sdk.litellm, diffpo_sdk.agents, "
-            "diffpo_sdk.chat_model, diffpo_sdk.tracing; diffpo_sdk.DiffPORefiner; "
+            "diffpo_sdk.chat_model, diffpo_sdk.tracing, diffpo_sdk.adapters.runnable, diffpo_sdk.apps.cli; "
+            "diffpo_sdk.DiffPORefiner; "
             "bad = [m for m in ('torch', 'transformers', 'litellm') if m in sys.modules]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -161,8 +162,45 @@ def test_no_import_cycles_in_the_client_and_server_layers():
         return False
 
     assert "diffpo_sdk.server.proxy" in graph["diffpo_sdk.server.app"]  # the graph sees relative imports
+    assert "diffpo_sdk.adapters.runnable" in graph["diffpo_sdk.adapters.agents"]
+    assert "diffpo_sdk.adapters.runnable" in graph["diffpo_sdk.apps.demo"]
+    assert {"diffpo_sdk.adapters.litellm", "diffpo_sdk.apps.cli"} <= set(mine)
     cycles = [m for m in mine if reaches(m, m)]
     assert cycles == [], cycles
+
+
+#: documented old import path -> the module's home now (the package is arranged by role)
+MOVED = {
+    "diffpo_sdk.runnable": "diffpo_sdk.adapters.runnable",
+    "diffpo_sdk.chat_model": "diffpo_sdk.adapters.chat_model",
+    "diffpo_sdk.agents": "diffpo_sdk.adapters.agents",
+    "diffpo_sdk.litellm": "diffpo_sdk.adapters.litellm",
+    "diffpo_sdk.litellm_hook": "diffpo_sdk.adapters.litellm_hook",
+    "diffpo_sdk.answers": "diffpo_sdk.adapters.answers",
+    "diffpo_sdk._convert": "diffpo_sdk.adapters.convert",
+    "diffpo_sdk.cli": "diffpo_sdk.apps.cli",
+    "diffpo_sdk.demo": "diffpo_sdk.apps.demo",
+    "diffpo_sdk.local_llm": "diffpo_sdk.apps.local_llm",
+}
+
+
+@pytest.mark.parametrize("old", sorted(MOVED))
+def test_old_import_paths_are_the_same_module(old, monkeypatch):
+    import importlib
+
+    if old == "diffpo_sdk.litellm_hook":
+        pytest.importorskip("litellm")
+    was, now = importlib.import_module(old), importlib.import_module(MOVED[old])
+    assert was is now
+    monkeypatch.setattr(was, "_patched_through_the_old_path", True, raising=False)
+    assert now._patched_through_the_old_path is True
+
+
+@pytest.mark.parametrize("module", ["diffpo_sdk.cli", "diffpo_sdk.apps.cli"])
+def test_the_command_runs_from_the_old_and_the_new_path(module):
+    out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage: diffpo <command>") and "demo" in out.stdout
 
 
 def test_echo_engine_meets_the_engine_contract():

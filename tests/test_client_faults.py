@@ -25,7 +25,7 @@ from langchain_core.messages import AIMessage
 from diffpo_sdk.testing import ServerThread, free_port
 from diffpo_sdk.client import AsyncDiffPOClient, DiffPOClient
 from diffpo_sdk.errors import InvalidRequestError, RefinerUnavailableError
-from diffpo_sdk.runnable import DiffPORefiner
+from diffpo_sdk.adapters.runnable import DiffPORefiner
 
 
 @dataclass

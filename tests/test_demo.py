@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from diffpo_sdk import demo
+from diffpo_sdk.apps import demo
 
 
 def test_side_by_side_keeps_both_texts():

@@ -312,7 +312,7 @@ def test_refine_cli_writes_one_line_per_item(tiny_llama_dir, tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text("\n".join(json.dumps({"prompt": f"Say {w}", "draft": w}) for w in ("hi", "bye")) + "\n")
     out = tmp_path / "out.jsonl"
-    cmd = [sys.executable, "-m", "diffpo_sdk.cli", "refine", "--model", tiny_llama_dir, "--input", str(src),
+    cmd = [sys.executable, "-m", "diffpo_sdk.apps.cli", "refine", "--model", tiny_llama_dir, "--input", str(src),
            "--output", str(out), "--block-size", "4", "--max-new-tokens", "8", "--device", "cpu"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

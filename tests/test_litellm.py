@@ -161,7 +161,7 @@ def test_refiner_down_keeps_the_draft(upstream):
 
 
 async def test_proxy_hook_refines_responses_and_streams(refiner):
-    from diffpo_sdk.litellm_hook import DiffPOProxyHook
+    from diffpo_sdk.adapters.litellm_hook import DiffPOProxyHook
 
     hook = DiffPOProxyHook(settings=DiffPOSettings(endpoint=refiner))
     data = {"model": "m", "messages": MSGS}

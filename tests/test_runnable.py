@@ -25,7 +25,7 @@ from diffpo_sdk import DiffPORefiner
 from diffpo_sdk.client import DiffPOClient, InProcessClient
 from diffpo_sdk.errors import InvalidRequestError, RefinerUnavailableError
 from diffpo_sdk.protocol import RefineItem
-from diffpo_sdk.runnable import prompt_capture
+from diffpo_sdk.adapters.runnable import prompt_capture
 from diffpo_sdk.testing import EchoEngine, free_port, serve_engine
 
 

@@ -197,7 +197,7 @@ def test_tool_calls_pass_through_untouched(proxy, tiny_engine):
 
 def test_an_answer_after_tool_results_is_refined_like_everywhere_else(proxy, tiny_engine):
     """The proxy and the LiteLLM wrapper share one rule: the tool traffic becomes text turns."""
-    from diffpo_sdk._convert import conversation
+    from diffpo_sdk.adapters.convert import conversation
 
     engine = WrappedEngine(tiny_engine)
     url = proxy(engine)

@@ -11,7 +11,7 @@ import pytest
 from test_litellm import MSGS, upstream_app
 
 import diffpo_sdk
-from diffpo_sdk.chat_model import ChatDiffPO
+from diffpo_sdk.adapters.chat_model import ChatDiffPO
 from diffpo_sdk.engine import RefinerEngine
 from diffpo_sdk.settings import DiffPOSettings
 from diffpo_sdk.testing import ServerThread, serve_engine

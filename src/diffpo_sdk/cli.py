@@ -1,0 +1,9 @@
+"""The documented old path of :mod:`diffpo_sdk.apps.cli`: the same module object; ``python -m diffpo_sdk.cli`` runs its main."""
+
+import sys
+
+from .apps import cli as _module
+
+if __name__ == "__main__":
+    sys.exit(_module.main())
+sys.modules[__name__] = _module
