@@ -176,8 +176,6 @@ MOVED = {
     "diffpo_sdk.agents": "diffpo_sdk.adapters.agents",
     "diffpo_sdk.litellm": "diffpo_sdk.adapters.litellm",
     "diffpo_sdk.litellm_hook": "diffpo_sdk.adapters.litellm_hook",
-    "diffpo_sdk.answers": "diffpo_sdk.adapters.answers",
-    "diffpo_sdk._convert": "diffpo_sdk.adapters.convert",
     "diffpo_sdk.cli": "diffpo_sdk.apps.cli",
     "diffpo_sdk.demo": "diffpo_sdk.apps.demo",
     "diffpo_sdk.local_llm": "diffpo_sdk.apps.local_llm",

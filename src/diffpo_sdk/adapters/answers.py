@@ -9,7 +9,7 @@ hook, the OpenAI-compatible proxy) asks here, so they agree:
 - an empty answer has no draft to refine (the refiner would write its own answer in its
   place): passed through untouched;
 - an answer that follows tool results is an answer to the user: refined, with the tool
-  calls and results as text turns of its prompt (see ``_convert.conversation``).
+  calls and results as text turns of its prompt (see ``convert.conversation``).
 
 A refined answer ends for the refiner's reason: ``"length"`` when it ran out of
 ``max_new_tokens``, else ``"stop"`` (whatever cut the draft short no longer applies).

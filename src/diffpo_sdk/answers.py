@@ -1,7 +1,0 @@
-"""The documented old path of :mod:`diffpo_sdk.adapters.answers`: the same module object, so patching either patches both."""
-
-import sys
-
-from .adapters import answers as _module
-
-sys.modules[__name__] = _module
