@@ -9,10 +9,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["ALPACA_PREFERENCES", "shared_data_dir", "shared_file"]
+__all__ = ["ALPACA_PREFERENCES", "BUNDLED_DRAFTS", "shared_data_dir", "shared_file"]
 
 #: AlpacaEval prompts with several models' scored answers (drafts for demos and benchmarks)
 ALPACA_PREFERENCES = Path("alpaca_eval") / "multi_model_preferences.jsonl.gz"
+
+#: a few prompts with drafts shipped in the package, for when the shared data is absent
+BUNDLED_DRAFTS = Path(__file__).resolve().parent / "data" / "drafts.jsonl"
 
 _CHECKOUT = Path(__file__).resolve().parents[2]  # src/diffpo_sdk/shared_data.py -> the checkout
 

@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from ..protocol import parse_block_size
-from ..shared_data import ALPACA_PREFERENCES, shared_file
+from ..shared_data import ALPACA_PREFERENCES, BUNDLED_DRAFTS, shared_file
 
-BUNDLED_DRAFTS = Path(__file__).resolve().parent / "data" / "drafts.jsonl"
 LOCAL_DRAFTER = "local/smollm2-135m-instruct"
 
 

@@ -33,14 +33,12 @@ from ..engine import RefineResult, RefinerEngine
 from ..engine.row import Row
 from ..engine.templating import draft_ids, prompt_ids
 from ..protocol import RefineItem
-
-DEFAULT_DATA = Path(__file__).resolve().parents[4] / "shared" / "data" / "alpaca_eval" / "multi_model_preferences.jsonl.gz"
-
+from ..shared_data import ALPACA_PREFERENCES, BUNDLED_DRAFTS, shared_file
 
 def load_prompts(path: Path | None, n: int, seed: int = 0) -> list[dict[str, str]]:
     """Real prompts with a real draft each, from the shared AlpacaEval file (or a fallback)."""
-    path = path or DEFAULT_DATA
-    if path.is_file():
+    path = path or shared_file(ALPACA_PREFERENCES)
+    if path is not None and path.is_file():
         with gzip.open(path, "rt", encoding="utf-8") as f:
             rows = [json.loads(line) for line in f]
         rng = random.Random(seed)
@@ -56,8 +54,8 @@ def load_two_turn(path: Path | None, n: int, tokenizer: Any, seed: int = 0, min_
     """Second turns of real conversations: a user turn, a first answer of at least ``min_first``
     tokens by one model, a new user question, and another model's answer to it as the draft.
     Without the shared file, the bundled items stand in (their first answers are short)."""
-    path = path or DEFAULT_DATA
-    if not path.is_file():
+    path = path or shared_file(ALPACA_PREFERENCES)
+    if path is None or not path.is_file():
         items = bundled_drafts()
         singles = [it for it in items if "prompt" in it]
         return [{"messages": [{"role": "user", "content": a["prompt"]}, {"role": "assistant", "content": a["draft"]},
@@ -87,7 +85,7 @@ def load_two_turn(path: Path | None, n: int, tokenizer: Any, seed: int = 0, min_
 
 def bundled_drafts() -> list[dict[str, str]]:
     """A few prompts with deliberately plain drafts, shipped with the package."""
-    path = Path(__file__).resolve().parents[1] / "data" / "drafts.jsonl"
+    path = BUNDLED_DRAFTS
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 

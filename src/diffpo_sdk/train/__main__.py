@@ -285,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.push_to_hub:
         trainer.push_to_hub(commit_message=f"DiffPO refiner, recipe {cfg.recipe}")
     log.info("done %.1f s after start", time.time() - start)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # leave the process group before the interpreter exits: a rank torn down with gloo's
+        # threads still alive aborts ("terminate called without an active exception")
+        torch.distributed.destroy_process_group()
     return 0
 
 
