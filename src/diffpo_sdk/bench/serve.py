@@ -213,13 +213,23 @@ def print_table(result: dict[str, Any]) -> None:
               f"RSS {' -> '.join(str(x) for x in s['rss_samples_mb'])} MiB")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="diffpo bench serve", description=__doc__.split("\n\n")[0])
+def add_server_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of every benchmark that runs against a server: which one, or which to start."""
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--device", default="auto")
     p.add_argument("--endpoint", default=None, help="bench a running server instead of starting one")
     p.add_argument("--api-key", default=os.environ.get("DIFFPO_API_KEY"))
     p.add_argument("--data", default=None, help="AlpacaEval .jsonl.gz or JSONL of {prompt, draft}; default: ../shared data")
+    p.add_argument("--threads", type=int, default=None, help="the server's torch CPU threads")
+    p.add_argument("--request-timeout", type=float, default=900.0,
+                   help="the server's per-request deadline: many clients on a CPU wait minutes in the queue")
+    p.add_argument("--load-timeout", type=float, default=300.0)
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="diffpo bench serve", description=__doc__.split("\n\n")[0])
+    add_server_arguments(p)
     p.add_argument("--items", type=int, default=64, help="distinct prompts to cycle through")
     p.add_argument("--draft-chars", type=int, default=300)
     p.add_argument("--max-new-tokens", type=int, default=48)
@@ -232,11 +242,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--soak-seconds", type=float, default=20.0, help="0 skips the soak")
     p.add_argument("--max-batch-items", type=int, default=32)
     p.add_argument("--max-wait-ms", type=float, default=10.0)
-    p.add_argument("--threads", type=int, default=None, help="the server's torch CPU threads")
-    p.add_argument("--request-timeout", type=float, default=900.0,
-                   help="the server's per-request deadline: 64 clients on a CPU wait minutes in the queue")
-    p.add_argument("--load-timeout", type=float, default=300.0)
-    p.add_argument("--out", default=None, help="write the results as JSON here")
     return p
 
 

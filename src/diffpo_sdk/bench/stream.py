@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 
 from ..protocol import parse_block_size
-from .serve import load_items, served, write_result
+from .serve import add_server_arguments, load_items, served, write_result
 
 
 def timed_plain(client: httpx.Client, body: dict[str, Any]) -> tuple[float, str]:
@@ -118,21 +118,13 @@ def print_table(result: dict[str, Any]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffpo bench stream", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--endpoint", default=None, help="bench a running server instead of starting one")
-    p.add_argument("--api-key", default=os.environ.get("DIFFPO_API_KEY"))
-    p.add_argument("--data", default=None, help="AlpacaEval .jsonl.gz or JSONL of {prompt, draft}; default: ../shared data")
+    add_server_arguments(p)
     p.add_argument("--items", type=int, default=8, help="prompts, each measured streamed and not, per kind of draft")
     p.add_argument("--draft-chars", type=int, default=600)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--block-size", default=16, type=parse_block_size)
     p.add_argument("--max-batch-items", type=int, default=8)
     p.add_argument("--max-wait-ms", type=float, default=0.0)
-    p.add_argument("--threads", type=int, default=None, help="the server's torch CPU threads")
-    p.add_argument("--request-timeout", type=float, default=900.0)
-    p.add_argument("--load-timeout", type=float, default=300.0)
-    p.add_argument("--out", default=None, help="write the results as JSON here")
     return p
 
 
