@@ -209,3 +209,42 @@ def test_typed_choices_are_the_validated_ones() -> None:
     for option, allowed in CHOICES.items():
         assert set(literal(hints[option])) == set(allowed), option
     assert set(literal(hints["recipe"])) == set(RECIPES)
+
+
+def test_target_branches_loss_written_out(tiny_llama_dir: str, tmp_path: Path) -> None:
+    """The ``aligned`` recipe's source, against its definition written out here one branch at a
+    time: L_AR on the target y^(T) + w * mean over branches (d, w_d) of the cross-entropy of
+    p(. | x, y^T_<d, w_d) toward the greedy token of the stop-gradient p(. | x, y^T_<=d), where
+    w_d is a lower-ranked answer's token at position d (and differs from y^T_d)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    args = cfg(tmp_path, recipe="aligned")
+    assert (args.trajectory_source, args.consistency_loss, args.fixed_point_weight) == ("target-branches", "ce", 0.0)
+    ds = TrajectoryDataset(RECORDS, tok, N, source=args.trajectory_source)
+    feats = [ds.get(i, deterministic=True) for i in range(len(ds))]
+    trainer = DiffPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    trainer.state.max_steps = 10
+    batch = DiffPOCollator(ds.pad)(feats)
+    assert "target_ids" not in batch  # L_AR reads the packed forward's clean path
+    model.eval()
+
+    ar_terms, con_terms = [], []
+    for f, item in zip(feats, ds.items):
+        x, y = item["prompt"], item["target"][:N]
+        others = [ds.padded(o) for o in item["others"]]
+        assert f["branches"], "every record has a lower-ranked answer that differs somewhere"
+        for d, ws in f["branches"]:
+            assert ws[0] != y[d] and any(o[d] == ws[0] for o in others) and d + 1 < len(y)
+        clean = model(input_ids=torch.tensor([x + y])).logits[0, len(x) - 1:len(x) - 1 + len(y)]
+        ar_terms.append(torch.nn.functional.cross_entropy(clean, torch.tensor(y), reduction="none"))
+        for d, ws in f["branches"]:
+            student = model(input_ids=torch.tensor([x + y[:d] + ws[:1]])).logits[0, -1]
+            teacher = int(clean[d + 1].argmax())
+            con_terms.append(torch.nn.functional.cross_entropy(student[None], torch.tensor([teacher])))
+    expected = torch.cat(ar_terms).mean() + args.consistency_weight * torch.stack(con_terms).mean()
+    with torch.no_grad():
+        ours = trainer.compute_loss(model, batch)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)

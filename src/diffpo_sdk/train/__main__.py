@@ -129,7 +129,7 @@ def build_datasets(cfg: Any, model: Any, tok: Any) -> tuple[Any, Any, Any, set[i
     n = cfg.max_response_tokens
     stop = templating.stop_token_ids(tok, model.config, getattr(model, "generation_config", None))
     probe = TrajectoryDataset(held[:1], tok, n, cfg.max_prompt_tokens, stop_ids=stop)
-    need_train = cfg.trajectory_source != "answers"
+    need_train = cfg.trajectory_source in ("jacobi", "mix", "frontier")
     need_held = cfg.final_eval or need_train
     lazy = need_train and cfg.world_size == 1 and cfg.jacobi_states_chunk > 0
     # states built during training need the model as it started: a frozen copy (LoRA: adapter off)
@@ -242,6 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     eval_path = Path(cfg.output_dir) / "eval_before.json"
     evaluate_kw: dict[str, Any] = dict(draft_items=eval_ds.draft_items(), block_size=block,
                                        batch_size=cfg.per_device_eval_batch_size, **loss_kw)
+    if cfg.transfer_eval_data:
+        from .data import load_trajectories
+
+        transfer = load_trajectories(cfg.transfer_eval_data)[: cfg.max_eval_prompts]
+        evaluate_kw["transfer_items"] = [{"messages": r["messages"], "draft": (r.get("others") or [r["target"]])[0]}
+                                         for r in transfer]
 
     def measure_before(untrained: Any) -> None:
         t0 = time.time()

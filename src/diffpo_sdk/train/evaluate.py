@@ -118,8 +118,9 @@ def refine_metrics(model: Any, tokenizer: Any, items: list[dict], n: int, block_
 
 def evaluate_refiner(model: Any, tokenizer: Any, dataset: Any, *, draft_items: list[dict],
                      state_items: list[dict] | None, block_size: int | str, batch_size: int = 8,
-                     **loss_kw: Any) -> dict[str, float]:
-    """The table of issue 5, item 6, for one model."""
+                     transfer_items: list[dict] | None = None, **loss_kw: Any) -> dict[str, float]:
+    """The before/after table for one model; ``transfer_items`` are drafts from a source the
+    run never trained on (the speed that matters is the one that transfers)."""
     from .trainer import DiffPOCollator
 
     collator = DiffPOCollator(dataset.pad)
@@ -133,6 +134,9 @@ def evaluate_refiner(model: Any, tokenizer: Any, dataset: Any, *, draft_items: l
     if state_items:
         out["passes_per_token_states"] = refine_metrics(model, tokenizer, state_items, dataset.n,
                                                         block_size)["passes_per_token"]
+    if transfer_items:
+        out["passes_per_token_transfer"] = refine_metrics(model, tokenizer, transfer_items, dataset.n,
+                                                          block_size)["passes_per_token"]
     out["preference_accuracy"] = preference_accuracy(model, dataset, dataset.pad, batch_size)
     return out
 
@@ -143,6 +147,7 @@ LABELS = {
     "guess_accuracy": "Jacobi guesses right after a wrong token",
     "passes_per_token_drafts": "passes/token, held-out drafts",
     "passes_per_token_states": "passes/token, held-out Jacobi states",
+    "passes_per_token_transfer": "passes/token, drafts from another source",
     "preference_accuracy": "preference accuracy",
 }
 

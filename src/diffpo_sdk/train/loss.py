@@ -243,7 +243,12 @@ def diffpo_loss(model: Any, batch: dict[str, torch.Tensor], weight: float, *, ma
         check_choice(option, value)
     divergence = token_kl if kind == "kl" else token_ce_argmax
     n = batch["target_answer"].shape[1]
-    t_logits = answer_logits(model, batch["target_ids"], batch["target_attention_mask"], n)
+    packed = frontier_logits(model, batch, n) if "frontier_ids" in batch else None
+    if "target_ids" in batch:
+        t_logits = answer_logits(model, batch["target_ids"], batch["target_attention_mask"], n)
+    else:  # the packed rows' clean path is the target itself (source ``target-branches``)
+        assert packed is not None, "a batch needs target_ids, or frontier rows on the target"
+        t_logits = packed[0]
     tmask = batch["target_mask"].float()
     nll = token_nll(t_logits, batch["target_answer"], chunk)
     ar_total = (nll * tmask).sum()
@@ -252,12 +257,12 @@ def diffpo_loss(model: Any, batch: dict[str, torch.Tensor], weight: float, *, ma
 
     zero = ar.new_zeros(())
     anchored = bool(fixed_point_weight) and "frontier_ids" in batch
-    if (weight == 0 and not anchored) or ("student_ids" not in batch and "frontier_ids" not in batch):
+    if (weight == 0 and not anchored) or (packed is None and "student_ids" not in batch):
         return LossOutput(ar, ar.detach(), zero, weight, 0)
 
     fixed_loss = None
     if "frontier_ids" in batch:
-        f_logits, teacher, s_logits = frontier_logits(model, batch, n)
+        f_logits, teacher, s_logits = packed
         cmask = batch["frontier_valid"].float()
         if fixed_point_weight:
             fmask = batch.get("frontier_fixed_mask", torch.ones_like(batch["frontier_fixed"])).float()

@@ -25,7 +25,7 @@ from typing import Any
 
 #: every string-valued DiffPO option and its allowed values (validated once, in DiffPOConfig)
 CHOICES: dict[str, tuple[str, ...]] = {
-    "trajectory_source": ("answers", "jacobi", "mix", "frontier"),
+    "trajectory_source": ("answers", "jacobi", "mix", "frontier", "target-branches"),
     "consistency_loss": ("kl", "ce"),
     "consistency_mask": ("none", "prefix", "argmax"),
     "consistency_normalize": ("token", "sum"),
@@ -56,6 +56,8 @@ RECIPES: dict[str, dict[str, Any]] = {
         "num_train_epochs": 1.0, "weight_decay": 0.0, "guard": False,
     },
     "fast": _FAST,
+    "aligned": {**_FAST, "trajectory_source": "target-branches", "consistency_weight": 1.0,
+                "consistency_warmup_ratio": 0.0, "fixed_point_weight": 0.0},
     "sft": {**_FAST, "trajectory_source": "answers", "consistency_weight": 0.0, "consistency_warmup_ratio": 0.0,
             "fixed_point_weight": 0.0},
 }
@@ -71,6 +73,10 @@ DIFFERS_FROM_PAPER: dict[str, str] = {
     "fast": "not the paper's objective: L_Con is cross-entropy toward the teacher's greedy token on one-token "
             "branches off the refiner's own greedy answer (never another model's answer), mean over positions, "
             "w = 2, plus a KL hold (weight 5) on the untrained model's greedy path, lr 3e-5, guards on",
+    "aligned": "L_Con is not the paper's KL over other models' whole answers: it is cross-entropy toward the "
+               "model's own greedy token on the preferred target's path, after one wrong token taken from a "
+               "lower-ranked answer at that position (a one-token branch off y^(T)); mean over positions, w = 1, "
+               "lr 3e-5, guards on. Both terms point at the preferred answer, so the preference signal stays",
     "sft": "the SFT-only control: L_AR alone on the best answers (w = 0), no consistency term",
 }
 

@@ -43,12 +43,13 @@ class DiffPOConfig(TrainingArguments):
     here, once, before ``TrainingArguments`` sees the values.
     """
 
-    recipe: Literal["paper", "fast", "sft"] = field(default=DEFAULT_RECIPE, metadata={"help": (
+    recipe: Literal["paper", "fast", "aligned", "sft"] = field(default=DEFAULT_RECIPE, metadata={"help": (
         "named option set: paper (eq. 4-6 with the paper's settings) | fast (frontier branches, CE, KL hold: "
         "speed, not the paper) | sft (the w = 0 control); explicit flags override it")})
     model: str = field(default="smollm2-135m-instruct", metadata={"help": "refiner to start from: hub id, folder, .gguf or smollm2-135m-instruct"})
     data: str | None = field(default=None, metadata={"help": "trajectories JSONL from `diffpo data build`"})
     eval_data: str | None = field(default=None, metadata={"help": "held-out trajectories; default: a split of --data by prompt"})
+    transfer_eval_data: str | None = field(default=None, metadata={"help": "trajectories from a source the run never trains on (e.g. `diffpo data build --from-pairs` of HH-RLHF): the final table adds passes/token on their drafts (the first --max-eval-prompts)"})
     eval_fraction: float = field(default=0.1, metadata={"help": "share of prompts held out when --eval-data is not given"})
     max_train_prompts: int | None = field(default=None, metadata={"help": "use only the first N training prompts"})
     max_eval_prompts: int = field(default=64, metadata={"help": "cap on held-out prompts (evaluation cost)"})
@@ -64,7 +65,7 @@ class DiffPOConfig(TrainingArguments):
     fixed_point_weight: float | None = field(default=None, metadata=_recipe_help("frontier source: weight of the hold on the refiner's own greedy answer y* (see --fixed-point-anchor)"))
     fixed_point_anchor: Literal["ce", "kl"] | None = field(default=None, metadata=_recipe_help("ce (L_AR on y*) | kl (KL from the model before training on y*'s path: holds the whole distribution; costs one no-grad forward and, without LoRA, a frozen copy of the model)"))
     kl_chunk: int = field(default=16, metadata={"help": "positions per vocabulary-sized softmax chunk (memory bound)"})
-    trajectory_source: Literal["answers", "jacobi", "mix", "frontier"] | None = field(default=None, metadata=_recipe_help("answers (paper: other models' answers) | jacobi (own Jacobi states) | mix | frontier (one-token branches off the fixed point, from the Jacobi states)"))
+    trajectory_source: Literal["answers", "jacobi", "mix", "frontier", "target-branches"] | None = field(default=None, metadata=_recipe_help("answers (paper: other models' answers) | jacobi (own Jacobi states) | mix | frontier (one-token branches off the fixed point, from the Jacobi states) | target-branches (one-token branches off the preferred target, the wrong tokens from lower-ranked answers)"))
     jacobi_states_per_prompt: int = field(default=2, metadata={"help": "partial Jacobi states generated per training prompt"})
     jacobi_states_dir: str | None = field(default=None, metadata={"help": "where generated states are cached (default: output_dir); share it between runs"})
     jacobi_states_chunk: int = field(default=8, metadata={"help": "prompts whose fixed points and states are computed together, when a batch first needs them (0: all before training)"})
@@ -122,13 +123,16 @@ class TrajectoryDataset(Dataset):
       the Jacobi states wherever a state's token differs from y*, at most ``branches``
       tokens, runs of ``depth``; the collator packs them into one forward
       (:func:`~diffpo_sdk.train.loss.frontier_rows`).
+    - ``target-branches``: the same packing on the preferred target y^(T) instead of y*, the
+      wrong guesses taken from the lower-ranked answers at the same positions (where a draft
+      puts them). L_AR reads the target's logits off that one forward; no Jacobi states.
     """
 
     def __init__(self, records: list[dict], tokenizer: Any, n: int, max_prompt_tokens: int = 512,
                  source: str = "answers", states: Any = None, seed: int = 0,
                  stop_ids: set[int] | None = None, branches: int | None = None, depth: int = 1):
         check_choice("trajectory_source", source)
-        if source != "answers" and states is None:
+        if source not in ("answers", "target-branches") and states is None:
             raise ValueError(f"trajectory source {source!r} needs Jacobi states (see diffpo_sdk.train.states)")
         self.n, self.source, self.seed = n, source, seed
         #: draws so far per prompt: the k-th draw of prompt i depends only on (seed, i, k), so
@@ -172,7 +176,7 @@ class TrajectoryDataset(Dataset):
 
     def get(self, i: int, deterministic: bool = False) -> dict[str, Any]:
         item = self.items[i]
-        if self.states is not None and self.source != "answers":
+        if self.states is not None and self.source not in ("answers", "target-branches"):
             st = self.states[i]
             item = {**item, "fixed_point": st["fixed_point"], "states": st["states"]}
         if deterministic:
@@ -183,6 +187,11 @@ class TrajectoryDataset(Dataset):
         if self.source == "frontier":
             return {"prompt": item["prompt"], "target": self.padded(item["target"]),
                     "target_mask": self.answer_mask(item["target"]), **self.frontier(item, rng)}
+        if self.source == "target-branches":
+            on_target = {"fixed_point": None, "states": [self.padded(o) for o in item["others"]]}
+            return {"prompt": item["prompt"], "target": self.padded(item["target"]),
+                    "target_mask": self.answer_mask(item["target"]), "on_target": True,
+                    **self.frontier({**item, **on_target}, rng)}
         use_states = self.source == "jacobi" or (self.source == "mix" and rng.random() < 0.5)
         if (use_states and item.get("states")) or not item["others"]:
             fixed = item.get("fixed_point") or item["target"]
@@ -233,8 +242,9 @@ class DiffPOCollator:
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         prompts = [f["prompt"] for f in features]
         out: dict[str, torch.Tensor] = {}
-        if "branches" in features[0]:  # the frontier source: target rows + packed branch rows
-            out["target_ids"], out["target_attention_mask"] = self._rows(prompts, [f["target"] for f in features])
+        if "branches" in features[0]:  # the frontier sources: target rows + packed branch rows
+            if not features[0].get("on_target"):  # on the target, L_AR reads the packed rows' clean path
+                out["target_ids"], out["target_attention_mask"] = self._rows(prompts, [f["target"] for f in features])
             out["target_answer"] = torch.tensor([f["target"] for f in features], dtype=torch.long)
             out["target_mask"] = torch.tensor([f["target_mask"] for f in features], dtype=torch.long)
             out.update(frontier_rows(prompts, [f["fixed"] for f in features], [f["branches"] for f in features],
@@ -387,6 +397,12 @@ class DiffPOTrainer(Trainer):
         return ("The consistency loss is probably teaching the model to ignore its prefix: lower "
                 "--consistency-weight or --learning-rate, or use --trajectory-source jacobi.")
 
+    def target_repetition(self) -> float:
+        """Repeated 3-grams in the guard prompts' target answers (cut to N): the rate the data asks for."""
+        ds = self.eval_dataset
+        k = min(self.args.guard_prompts, len(ds))
+        return repetition_rate([ds.items[i]["target"][:ds.n] for i in range(k)])
+
     def _check_guard(self, m: dict[str, float]) -> None:
         if self.guard_baseline is None and self.untrained is not None:
             with as_model(self.untrained) as untrained:
@@ -398,9 +414,12 @@ class DiffPOTrainer(Trainer):
         problems = []
         if m["ar_loss"] > base["ar_loss"] + self.args.guard_ar_tolerance:
             problems.append(f"held-out L_AR {m['ar_loss']:.3f} > {base['ar_loss']:.3f} + {self.args.guard_ar_tolerance}")
-        if "repetition" in m and m["repetition"] > base.get("repetition", 0) + self.args.guard_repetition_tolerance:
-            problems.append(f"repetition {m['repetition']:.3f} > {base.get('repetition', 0):.3f} + "
-                            f"{self.args.guard_repetition_tolerance}")
+        # a list-formatted target repeats its own 3-grams: the guard allows the targets' own rate
+        allowed = max(base.get("repetition", 0), self.target_repetition())
+        if "repetition" in m and m["repetition"] > allowed + self.args.guard_repetition_tolerance:
+            problems.append(f"repetition {m['repetition']:.3f} > {allowed:.3f} + "
+                            f"{self.args.guard_repetition_tolerance} (the larger of the untrained model's "
+                            "and the target answers' own rate)")
         if not problems:
             self._healthy = self._snapshot()
             return
