@@ -105,11 +105,13 @@ def load_refiner(cfg: Any) -> tuple[Any, Any]:
 
 def build_datasets(cfg: Any, model: Any, tok: Any) -> tuple[Any, Any, Any, set[int], Any]:
     """Train/held-out datasets, the held-out states, the stop ids, and the frozen starting model
-    that builds states during training (None when everything is built before training).
+    that builds states and measures the untrained column (None when all is done before training).
 
     Training states are built lazily, ``--jacobi-states-chunk`` prompts at a time as batches
     first need them, from a frozen copy of the model as training starts (with LoRA: the
-    adapter switched off, no copy). Held-out states too, when the first evaluation needs them. Under
+    adapter switched off, no copy). Held-out states too, when the first evaluation or the final
+    table needs them; a source without states (``answers``, ``target-branches``) still gets the
+    copy when the final table is on, so the untrained column is measured after training. Under
     several processes, or with ``--jacobi-states-chunk 0``, every state is built before
     training, by the main process first, and the other processes read them from the cache.
     """
@@ -117,7 +119,7 @@ def build_datasets(cfg: Any, model: Any, tok: Any) -> tuple[Any, Any, Any, set[i
     from .data import load_trajectories
     from .reference import reference_model
     from .states import LazyStates, model_fingerprint
-    from .trainer import TrajectoryDataset, split_by_prompt
+    from .trainer import TrajectoryDataset, draft_of, split_by_prompt
 
     records = load_trajectories(cfg.data)
     if cfg.eval_data:
@@ -131,8 +133,9 @@ def build_datasets(cfg: Any, model: Any, tok: Any) -> tuple[Any, Any, Any, set[i
     probe = TrajectoryDataset(held[:1], tok, n, cfg.max_prompt_tokens, stop_ids=stop)
     need_train = cfg.trajectory_source in ("jacobi", "mix", "frontier")
     need_held = cfg.final_eval or need_train
-    lazy = need_train and cfg.world_size == 1 and cfg.jacobi_states_chunk > 0
-    # states built during training need the model as it started: a frozen copy (LoRA: adapter off)
+    lazy = (need_train or need_held) and cfg.world_size == 1 and cfg.jacobi_states_chunk > 0
+    # states built during training, and the untrained column measured after it, need the model as
+    # it started: a frozen copy (LoRA: the adapter off, no copy); nothing of it delays step 1
     generator = reference_model(model) if lazy else None
     builder = generator if generator is not None else model
     model_id = f"{cfg.model}|{model_fingerprint(model)}" if (need_train or need_held) else ""
@@ -140,7 +143,7 @@ def build_datasets(cfg: Any, model: Any, tok: Any) -> tuple[Any, Any, Any, set[i
 
     def states_for(recs: list[dict], name: str, chunk: int) -> LazyStates:
         prompts = [templating.prompt_ids(tok, r["messages"])[-cfg.max_prompt_tokens:] for r in recs]
-        drafts = [templating.draft_ids(tok, (r.get("others") or [r["target"]])[0]) + [probe.eot] for r in recs]
+        drafts = [templating.draft_ids(tok, draft_of(r)) + [probe.eot] for r in recs]
         return LazyStates(builder, tok, prompts, drafts, n, probe.eot, stop,
                           states_per_prompt=cfg.jacobi_states_per_prompt, batch_size=cfg.per_device_eval_batch_size,
                           seed=cfg.seed, chunk=chunk, cache_dir=cache_dir, model_id=model_id,
@@ -221,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .evaluate import evaluate_refiner, write_table
     from .reference import as_model
-    from .trainer import DiffPOTrainer, loss_kwargs
+    from .trainer import DiffPOTrainer, draft_items, loss_kwargs
 
     if os.environ.get("DIFFPO_TRAIN_THREADS"):
         torch.set_num_threads(int(os.environ["DIFFPO_TRAIN_THREADS"]))
@@ -246,8 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         from .data import load_trajectories
 
         transfer = load_trajectories(cfg.transfer_eval_data)[: cfg.max_eval_prompts]
-        evaluate_kw["transfer_items"] = [{"messages": r["messages"], "draft": (r.get("others") or [r["target"]])[0]}
-                                         for r in transfer]
+        evaluate_kw["transfer_items"] = draft_items(transfer)
 
     def measure_before(untrained: Any) -> None:
         t0 = time.time()

@@ -113,6 +113,16 @@ class DiffPOConfig(TrainingArguments):
         super().__post_init__()
 
 
+def draft_of(record: dict) -> str:
+    """The draft a trajectory stands for: its lowest-ranked other answer (the target if none)."""
+    return (record.get("others") or [record["target"]])[0]
+
+
+def draft_items(records: list[dict]) -> list[dict[str, Any]]:
+    """Engine items ``{messages, draft}`` of trajectories (see :func:`draft_of`)."""
+    return [{"messages": r["messages"], "draft": draft_of(r)} for r in records]
+
+
 class TrajectoryDataset(Dataset):
     """Tokenized trajectories. Each access draws a student sequence y^(t) at random:
 
@@ -159,8 +169,7 @@ class TrajectoryDataset(Dataset):
 
     def draft_items(self, k: int | None = None) -> list[dict[str, Any]]:
         """Engine items for the first ``k`` prompts: the lowest-ranked other answer as the draft."""
-        recs = self.records[:k] if k is not None else self.records
-        return [{"messages": r["messages"], "draft": (r.get("others") or [r["target"]])[0]} for r in recs]
+        return draft_items(self.records[:k] if k is not None else self.records)
 
     def padded(self, ids: list[int]) -> list[int]:
         return pad_answer(ids, self.n, self.eot)
