@@ -380,7 +380,7 @@ def test_traceparent_makes_server_spans_children_of_the_client(tiny_engine, star
     assert batch.attributes["diffpo.batch_size"] == 2
     assert batch.attributes["diffpo.passes"] == max(i["iterations"] for i in items)
     tokens = sum(i["new_tokens"] for i in items)
-    assert batch.attributes["diffpo.tokens_per_pass"] == pytest.approx(tokens / batch.attributes["diffpo.passes"])
+    assert batch.attributes["diffpo.passes_per_token"] == pytest.approx(batch.attributes["diffpo.passes"] / tokens)
     # no prompt or answer text in any span
     for s in exporter.get_finished_spans():
         assert not any(isinstance(v, str) and ("Hello" in v or "Hey" in v) for v in s.attributes.values())

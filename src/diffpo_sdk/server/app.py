@@ -12,6 +12,7 @@ import hmac
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -122,7 +123,8 @@ def create_app(
         timing = {k: float(v) for k, v in stats.items()}
         timing["total_ms"] = 1000 * (time.monotonic() - t0)
         return RefineResponse(
-            items=[r.to_wire() for r in results], model=state.engine.model_name, timing=timing
+            items=[r.to_wire() for r in results], model=state.engine.model_name, timing=timing,
+            id=f"refine-{uuid.uuid4().hex}",
         )
 
     @app.get("/health")

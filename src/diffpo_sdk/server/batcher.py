@@ -458,7 +458,7 @@ class Batcher:
             "diffpo.batch_size": job.batch_size,
             "diffpo.batch_requests": job.batch_requests,
             "diffpo.passes": passes,
-            "diffpo.tokens_per_pass": tokens / passes if passes else 0.0,
+            "diffpo.passes_per_token": passes / tokens if tokens else 0.0,
         })
         error = next((r for r in results if isinstance(r, BaseException)), None)
         if error is not None:
