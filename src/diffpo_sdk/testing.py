@@ -30,9 +30,10 @@ class EchoResult:
     new_tokens: int
     prompt_tokens: int = 0
     finish_reason: str = "stop"
+    converged: bool = True
 
     def to_wire(self, with_token_ids: bool = False) -> RefinedItem:
-        return RefinedItem(text=self.text, iterations=self.iterations, new_tokens=self.new_tokens, converged=True,
+        return RefinedItem(text=self.text, iterations=self.iterations, new_tokens=self.new_tokens, converged=self.converged,
                            prompt_tokens=self.prompt_tokens)
 
 

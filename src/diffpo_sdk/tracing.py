@@ -157,6 +157,26 @@ def record_fallback(span: Span, error: BaseException, *, fail_open: bool) -> Non
         span.add_event("diffpo.fail_open", {"diffpo.returned": "draft"})
 
 
+def upstream_attributes(model: str, provider: str) -> dict[str, Any]:
+    """The proxy's call to its upstream LLM is a GenAI chat call of its own: ``chat {model}``."""
+    return {GEN_AI_OPERATION_NAME: OPERATION, GEN_AI_PROVIDER_NAME: provider, GEN_AI_REQUEST_MODEL: model}
+
+
+def record_upstream(span: Span, completion: dict[str, Any]) -> None:
+    """Response id, model, finish reasons and token usage of an OpenAI-style chat completion."""
+    if not span.is_recording():
+        return
+    usage = completion.get("usage") or {}
+    attrs = {
+        GEN_AI_RESPONSE_ID: completion.get("id"),
+        GEN_AI_RESPONSE_MODEL: completion.get("model"),
+        GEN_AI_RESPONSE_FINISH_REASONS: [str(c.get("finish_reason")) for c in completion.get("choices") or []],
+        GEN_AI_USAGE_INPUT_TOKENS: usage.get("prompt_tokens"),
+        GEN_AI_USAGE_OUTPUT_TOKENS: usage.get("completion_tokens"),
+    }
+    span.set_attributes({k: v for k, v in attrs.items() if v is not None})
+
+
 def _input_messages(item: RefineItem) -> list[dict[str, Any]]:
     turns = [{"role": m["role"], "parts": [{"type": "text", "content": m["content"]}]} for m in item.conversation()]
     turns.append({"role": "assistant", "parts": [{"type": "text", "content": item.draft}]})

@@ -19,7 +19,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -155,7 +155,22 @@ def create_app(
     app.add_middleware(BodyGuard, state=state)
     app.add_middleware(ApiKeyAuth, state=state)
     app.add_middleware(Observe, state=state)
+    instrument_http(app, tracer_provider)
     return app
+
+
+def instrument_http(app: FastAPI, tracer_provider: trace.TracerProvider | None) -> None:
+    """HTTP server spans (``POST /v1/refine``, with ``http.route``) from OpenTelemetry's FastAPI
+    instrumentation, children of the caller's ``traceparent``. Probes and scrapes get none, nor do
+    the per-message ``http send`` / ``http receive`` spans (one per streamed event)."""
+    try:
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+    except ImportError:  # the server extra installs it; without it the server serves, untraced
+        log.warning("opentelemetry-instrumentation-fastapi is not installed: no HTTP server spans "
+                    "(pip install 'diffpo-sdk[server]')")
+        return
+    FastAPIInstrumentor.instrument_app(app, tracer_provider=tracer_provider, excluded_urls="/health,/metrics",
+                                       exclude_spans=["receive", "send"])
 
 
 async def _next(deltas: AsyncIterator[Any]) -> Any:
@@ -303,7 +318,7 @@ async def _send_error(send: Send, status: int, kind: str, message: str, headers:
 
 
 class Observe:
-    """Request span (child of the client's W3C ``traceparent``), latency and status metrics."""
+    """Latency and status metrics of every request (its span comes from the FastAPI instrumentation)."""
 
     def __init__(self, app: ASGIApp, state: ServerState) -> None:
         self.app, self.state = app, state
@@ -322,20 +337,7 @@ class Observe:
 
         t0 = time.monotonic()
         try:
-            if path.startswith("/v1/"):
-                headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-                parent = propagate.extract(headers)
-                with self.state.tracer.start_as_current_span(
-                    f"diffpo.server {scope['method']} {path}", context=parent, kind=trace.SpanKind.SERVER
-                ) as span:
-                    span.set_attribute("http.request.method", scope["method"])
-                    span.set_attribute("url.path", path)
-                    await self.app(scope, receive, send_observed)
-                    span.set_attribute("http.response.status_code", status["code"])
-                    if status["code"] >= 500:
-                        span.set_status(trace.StatusCode.ERROR)
-            else:
-                await self.app(scope, receive, send_observed)
+            await self.app(scope, receive, send_observed)
         finally:
             if endpoint != "/metrics":
                 self.state.metrics.latency.labels(endpoint).observe(time.monotonic() - t0)
