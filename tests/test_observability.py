@@ -1,5 +1,6 @@
 """Operator-facing telemetry over real HTTP: the server's HTTP spans (OpenTelemetry's FastAPI
-instrumentation) nest under the client's span, and the proxy's upstream call is a GenAI span."""
+instrumentation) nest under the client's span, the proxy's upstream call is a GenAI span, the
+Prometheus names and labels after real traffic, and the GenAI client metrics."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import httpx
 import pytest
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
+from prometheus_client.parser import text_string_to_metric_families
 
 from diffpo_sdk import DiffPORefiner
-from diffpo_sdk.testing import EchoEngine, serve_engine
+from diffpo_sdk.testing import EchoEngine, free_port, serve_engine
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -97,3 +99,102 @@ def test_proxy_spans_follow_genai_semconv(echo, spans):
     assert a["gen_ai.usage.input_tokens"] == usage["prompt_tokens"] and a["gen_ai.usage.output_tokens"] == usage["completion_tokens"]
     assert a["gen_ai.response.id"] == r.json()["id"]
     assert tree["diffpo.engine.batch"].parent.span_id == server.context.span_id
+
+
+#: every series of the server's registry (bar process_*), with the labels each must carry
+SERVER_SERIES = {
+    "diffpo_num_requests_waiting": set(), "diffpo_num_requests_running": set(), "diffpo_num_items_running": set(),
+    "diffpo_requests_total": {"endpoint", "status"}, "diffpo_errors_total": {"kind"},
+    "diffpo_http_request_duration_seconds_bucket": {"endpoint", "le"},
+    "diffpo_e2e_request_latency_seconds_bucket": {"le"}, "diffpo_request_queue_time_seconds_bucket": {"le"},
+    "diffpo_time_to_first_token_seconds_bucket": {"le"}, "diffpo_batch_duration_seconds_bucket": {"le"},
+    "diffpo_batch_items_bucket": {"le"}, "diffpo_batch_requests_bucket": {"le"},
+    "diffpo_prompt_tokens_total": set(), "diffpo_generation_tokens_total": set(),
+    "diffpo_forward_passes_total": set(), "diffpo_request_success_total": {"finished_reason"},
+    "diffpo_oom_splits_total": set(),
+}
+
+
+def scrape(url: str) -> dict[str, list]:
+    """``/metrics`` parsed by prometheus_client: sample name -> its samples."""
+    out: dict[str, list] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append(sample)
+    return out
+
+
+def real_traffic(url: str) -> list[dict]:
+    """Refinements plain and streamed, a proxied chat completion and a refused request."""
+    answers = []
+    with httpx.Client(base_url=url, timeout=60) as c:
+        for k in range(2):
+            r = c.post("/v1/refine", json={"items": [{"prompt": f"question {k} here", "draft": "a b c"}]})
+            assert r.status_code == 200
+            answers += r.json()["items"]
+        with c.stream("POST", "/v1/refine", json={"stream": True, "items": [{"prompt": "q", "draft": "x y"}]}) as r:
+            assert r.status_code == 200 and "event: done" in r.read().decode()
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "q"}]})
+        assert r.status_code == 200
+        assert c.post("/v1/refine", json={"items": []}).status_code == 422
+    return answers
+
+
+def test_prometheus_names_and_labels_after_real_traffic():
+    server = serve_engine(EchoEngine(lambda it: f"refined {it.draft}", model_name="echo-model"), max_wait_ms=0.0,
+                          upstream_model="openai/gpt-4o-mini", upstream_extra={"mock_response": "base answer"})
+    try:
+        answers = real_traffic(server.url)
+        deadline = time.monotonic() + 15  # the batch's bookkeeping ends just after its last answer
+        while not scrape(server.url).get("diffpo_batch_duration_seconds_count", [None])[0] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        samples = scrape(server.url)
+    finally:
+        server.stop()
+    for name, labels in SERVER_SERIES.items():
+        assert name in samples, f"{name} missing from /metrics"
+        for s in samples[name]:
+            assert set(s.labels) == labels | {"model"}, (name, s.labels)
+            assert s.labels["model"] == "echo-model", (name, s.labels)
+    leftovers = {n for n in samples if n.startswith("diffpo_")} - set(SERVER_SERIES)
+    assert all(n.rsplit("_", 1)[0] + "_bucket" in SERVER_SERIES or n.endswith("_created") for n in leftovers), leftovers
+
+    def value(name: str, **labels: str) -> float:
+        return sum(s.value for s in samples[name] if labels.items() <= s.labels.items())
+
+    # four refinements (two plain, one streamed, one behind the proxy) and their counts
+    assert value("diffpo_e2e_request_latency_seconds_count") == 4
+    assert value("diffpo_time_to_first_token_seconds_count") == 4
+    assert value("diffpo_request_queue_time_seconds_count") == 4
+    assert value("diffpo_request_success_total", finished_reason="stop") == 4
+    plain = answers  # the two plain answers' own accounting is part of the totals
+    assert value("diffpo_generation_tokens_total") >= sum(a["new_tokens"] for a in plain) + 2
+    assert value("diffpo_prompt_tokens_total") >= sum(a["prompt_tokens"] for a in plain) == 6
+    assert value("diffpo_forward_passes_total") == 4  # the echo engine answers in one pass
+    assert value("diffpo_requests_total", endpoint="/v1/refine", status="200") == 3
+    assert value("diffpo_requests_total", endpoint="/v1/refine", status="422") == 1
+    assert value("diffpo_errors_total", kind="validation") == 1
+    assert value("diffpo_num_requests_waiting") == value("diffpo_num_requests_running") == 0
+
+
+def test_genai_client_metrics(echo, recording_meter):
+    DiffPORefiner(endpoint=echo).invoke({"prompt": "three word prompt", "draft": "x"})
+    dead = f"http://127.0.0.1:{free_port()}"
+    DiffPORefiner(endpoint=dead, timeout=1, retries=0).invoke({"prompt": "q", "draft": "x"})
+    points: dict[str, list] = {}
+    data = recording_meter.get_metrics_data()
+    for rm in data.resource_metrics:
+        for sm in rm.scope_metrics:
+            for m in sm.metrics:
+                points.setdefault(m.name, []).extend((m.unit, p) for p in m.data.data_points)
+    durations = points["gen_ai.client.operation.duration"]
+    assert {unit for unit, _ in durations} == {"s"}
+    ok = [p for _, p in durations if "error.type" not in p.attributes]
+    failed = [p for _, p in durations if p.attributes.get("error.type") == "RefinerUnavailableError"]
+    assert ok and failed and all(p.count >= 1 for p in ok + failed)
+    for _, p in durations:
+        assert p.attributes["gen_ai.operation.name"] == "chat" and p.attributes["gen_ai.provider.name"] == "diffpo"
+    assert list(ok[0].explicit_bounds)[:3] == [0.01, 0.02, 0.04]
+    tokens = {p.attributes["gen_ai.token.type"]: p for unit, p in points["gen_ai.client.token.usage"] if unit == "{token}"}
+    assert tokens["input"].sum >= 3 and tokens["output"].sum >= 2  # echo counts words: "three word prompt", "refined x"
+    assert tokens["output"].attributes["gen_ai.response.model"] == "echo"

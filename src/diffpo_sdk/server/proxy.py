@@ -123,11 +123,11 @@ class UpstreamError(Exception):
 
 
 def add_chat_routes(app: FastAPI, state: ServerState) -> None:
-    errors = state.metrics.errors
+    errors = state.metrics.error
 
     @app.exception_handler(UpstreamError)
     async def _upstream(request: Request, exc: UpstreamError) -> JSONResponse:
-        errors.labels("upstream").inc()
+        errors("upstream")
         headers = {"Retry-After": exc.retry_after} if exc.retry_after else None
         return error_response(exc.status, "upstream_error", str(exc), headers)
 
@@ -172,7 +172,7 @@ def add_chat_routes(app: FastAPI, state: ServerState) -> None:
         try:
             results, stats = await until_disconnect(request, batcher.refine(items, key))
         except FAIL_OPEN as e:
-            errors.labels("refine_failed_open").inc()
+            errors("refine_failed_open")
             upstream["diffpo"] = {"refined": False, "reason": str(e)}
             return upstream
         for i, res in zip(targets, results):
@@ -290,13 +290,13 @@ async def _stream(
                 if d.result is not None:
                     results[d.index] = d.result
         except FAIL_OPEN as e:  # the refiner gave up: the rest of each draft follows, marked unrefined
-            state.metrics.errors.labels("refine_failed_open").inc()
+            state.metrics.error("refine_failed_open")
             diffpo = {"refined": False, "reason": str(e), "partial": any(streamed)}
             for k, item in enumerate(items):
                 if k not in results and (rest := draft_rest(streamed[k], item.draft)):
                     yield chunk(targets[k], {"content": rest})
         except Exception as e:  # noqa: BLE001 (the 200 is out: say so in the stream, never just stop)
-            state.metrics.errors.labels("stream_failed").inc()
+            state.metrics.error("stream_failed")
             log.warning("a streamed chat completion failed mid-stream: %s", type(e).__name__)
             yield sse(stream_error(e))
             yield "data: [DONE]\n\n"
