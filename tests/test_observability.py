@@ -198,3 +198,45 @@ def test_genai_client_metrics(echo, recording_meter):
     tokens = {p.attributes["gen_ai.token.type"]: p for unit, p in points["gen_ai.client.token.usage"] if unit == "{token}"}
     assert tokens["input"].sum >= 3 and tokens["output"].sum >= 2  # echo counts words: "three word prompt", "refined x"
     assert tokens["output"].attributes["gen_ai.response.model"] == "echo"
+
+
+def test_diffpo_serve_exports_where_the_otel_variables_say(tmp_path):
+    """``python -m diffpo_sdk.server`` (what ``diffpo serve`` runs) with console exporters named in
+    ``OTEL_*``: the HTTP span of a traced request, under the caller's traceparent, and the HTTP
+    metrics come out at exit with the resource's service name. The model path does not exist,
+    so the server answers 503 at once and loads nothing."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    port = free_port()
+    env = {**os.environ, "OTEL_TRACES_EXPORTER": "console", "OTEL_METRICS_EXPORTER": "console",
+           "OTEL_SERVICE_NAME": "refiner-under-test", "OTEL_METRIC_EXPORT_INTERVAL": "200"}
+    env.pop("OTEL_SEMCONV_STABILITY_OPT_IN", None)
+    proc = subprocess.Popen([sys.executable, "-m", "diffpo_sdk.server", "--model", str(tmp_path / "no-model"),
+                             "--port", str(port), "--log-level", "warning"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.1)
+        trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+        r = httpx.get(f"http://127.0.0.1:{port}/v1/models",
+                      headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"})
+        assert r.status_code == 503  # not loaded (and never will be)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    assert '"name": "GET /v1/models"' in out, out[-3000:]
+    assert f'"trace_id": "0x{trace_id}"' in out and '"parent_id": "0x00f067aa0ba902b7"' in out
+    assert '"http.route": "/v1/models"' in out and '"http.response.status_code": 503' in out  # stable names
+    assert '"service.name": "refiner-under-test"' in out
+    assert "http.server.request.duration" in out  # the instrumentation's metrics, through the meter provider
+    assert '"name": "GET /health"' not in out  # probes are not traced
