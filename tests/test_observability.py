@@ -4,7 +4,10 @@ Prometheus names and labels after real traffic, and the GenAI client metrics."""
 
 from __future__ import annotations
 
+import json
+import re
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -140,17 +143,24 @@ def real_traffic(url: str) -> list[dict]:
     return answers
 
 
-def test_prometheus_names_and_labels_after_real_traffic():
+@pytest.fixture(scope="module")
+def scraped() -> tuple[list[dict], dict[str, list]]:
+    """A fresh echo server after :func:`real_traffic`: the plain answers and ``/metrics`` parsed."""
     server = serve_engine(EchoEngine(lambda it: f"refined {it.draft}", model_name="echo-model"), max_wait_ms=0.0,
                           upstream_model="openai/gpt-4o-mini", upstream_extra={"mock_response": "base answer"})
     try:
         answers = real_traffic(server.url)
         deadline = time.monotonic() + 15  # the batch's bookkeeping ends just after its last answer
-        while not scrape(server.url).get("diffpo_batch_duration_seconds_count", [None])[0] and time.monotonic() < deadline:
+        while (sum(s.value for s in scrape(server.url).get("diffpo_batch_duration_seconds_count", [])) < 4
+               and time.monotonic() < deadline):
             time.sleep(0.02)
-        samples = scrape(server.url)
+        return answers, scrape(server.url)
     finally:
         server.stop()
+
+
+def test_prometheus_names_and_labels_after_real_traffic(scraped):
+    answers, samples = scraped
     for name, labels in SERVER_SERIES.items():
         assert name in samples, f"{name} missing from /metrics"
         for s in samples[name]:
@@ -240,3 +250,40 @@ def test_diffpo_serve_exports_where_the_otel_variables_say(tmp_path):
     assert '"service.name": "refiner-under-test"' in out
     assert "http.server.request.duration" in out  # the instrumentation's metrics, through the meter provider
     assert '"name": "GET /health"' not in out  # probes are not traced
+
+
+DASHBOARD = Path(__file__).resolve().parents[1] / "integrations" / "grafana" / "dashboard.json"
+
+
+def dashboard_queries() -> list[str]:
+    """Every PromQL expression in the dashboard: panel targets and template variable queries."""
+    dash = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    exprs = [t["expr"] for panel in dash["panels"] for t in panel.get("targets", [])]
+    for var in dash["templating"]["list"]:
+        if var.get("type") == "query":
+            exprs.append(var["definition"])
+    return exprs
+
+
+def test_every_metric_the_dashboard_queries_exists_after_real_traffic(scraped):
+    _, samples = scraped
+    exprs = dashboard_queries()
+    titles = {p["title"] for p in json.loads(DASHBOARD.read_text(encoding="utf-8"))["panels"]}
+    assert {"Request rate", "Latency p50 / p99", "Time to first token p50 / p99", "Forward passes per token",
+            "Queue depth and running requests", "429 rate", "Fail-open rate"} <= titles
+    # a metric name is an identifier followed by a selector, a range, or a closing bracket/comma
+    # (functions are followed by "(", keywords like "by"/"le" are not metric-shaped here)
+    referenced = set()
+    for expr in exprs:
+        referenced |= set(re.findall(r"\b(diffpo_[a-z0-9_]+)\b", expr))
+        selectors = re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{", expr)
+        assert all(name.startswith("diffpo_") for name in selectors), selectors
+    assert len(referenced) >= 10
+    missing = sorted(name for name in referenced if name not in samples)
+    assert missing == [], f"the dashboard queries metrics /metrics does not have: {missing}"
+    for name in referenced:
+        assert all(s.labels.get("model") == "echo-model" for s in samples[name]), name  # $model resolves
+    for expr in exprs:  # every label a selector matches on is one the series carry
+        for name, matchers in re.findall(r"(diffpo_[a-z0-9_]+)\{([^}]*)\}", expr):
+            labels = set(re.findall(r"(\w+)\s*=~?", matchers))
+            assert labels <= set(samples[name][0].labels), (name, labels)
