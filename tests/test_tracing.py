@@ -153,6 +153,27 @@ def test_litellm_drop_in_span_follows_genai_semconv(echo, spans):
     assert root.attributes["diffpo.refined"] is True and "diffpo.fail_open_reason" not in root.attributes
 
 
+async def test_litellm_proxy_hook_span_nests_under_the_proxy_request(echo, spans):
+    from diffpo_sdk.adapters.litellm_hook import DiffPOProxyHook
+    from diffpo_sdk.settings import DiffPOSettings
+
+    hook = DiffPOProxyHook(settings=DiffPOSettings(endpoint=echo))
+    request_span = trace.get_tracer("test-proxy").start_span("litellm_proxy_request")  # the proxy's, not current
+    messages = [{"role": "user", "content": "one two"}]
+    data = {"model": "m", "messages": messages, "metadata": {"litellm_parent_otel_span": request_span}}
+    resp = await litellm.acompletion(model="openai/m", messages=messages, mock_response="drafted answer")
+    out = await hook.async_post_call_success_hook(data, None, resp)
+    request_span.end()
+    assert out.choices[0].message.content == "refined drafted answer"
+    [refine] = by_name(spans, "chat ")
+    assert refine.parent.span_id == request_span.get_span_context().span_id and refine.kind == SpanKind.CLIENT
+    a = refine.attributes
+    assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.provider.name"] == "diffpo"
+    assert a["gen_ai.usage.input_tokens"] == 2 and a["gen_ai.usage.output_tokens"] == 3
+    assert a["gen_ai.response.id"].startswith("refine-") and a["diffpo.refined"] is True
+    assert "drafted" not in all_attribute_text(spans)
+
+
 def test_fail_open_is_marked_on_the_span(spans):
     dead = [f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"]
     out = DiffPORefiner(endpoint=dead, timeout=1).invoke({"prompt": "q", "draft": AIMessage(content="d")})
