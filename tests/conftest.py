@@ -116,3 +116,17 @@ def recording_tracer():
     exporter = InMemorySpanExporter()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     return provider, exporter
+
+
+@pytest.fixture(scope="session")
+def recording_meter():
+    """The process's SDK meter provider with an in-memory reader, installed here (a global meter
+    provider can be set once per process, and readers cannot be added to it afterwards)."""
+    from opentelemetry import metrics
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+    assert isinstance(metrics.get_meter_provider(), MeterProvider), "another test set the global meter provider"
+    return reader

@@ -53,7 +53,7 @@ def test_jobs_join_a_running_batch_and_each_stream_adds_up(tiny):
             await started.wait()  # job A is decoding: job B joins its batch
             await _collect(batcher.stream(ITEMS[1:], KEY), b)
             await first
-            while (metrics.registry.get_sample_value("diffpo_batch_items_sum") or 0) < 3:
+            while (metrics.registry.get_sample_value("diffpo_batch_items_sum", {"model": ""}) or 0) < 3:
                 await asyncio.sleep(0.01)  # the batch's own bookkeeping ends just after its last answer
         finally:
             await batcher.stop()
@@ -64,7 +64,7 @@ def test_jobs_join_a_running_batch_and_each_stream_adds_up(tiny):
         return metrics
 
     metrics = asyncio.run(main())
-    assert metrics.registry.get_sample_value("diffpo_batch_items_count") == 1  # one batch served all three
+    assert metrics.registry.get_sample_value("diffpo_batch_items_count", {"model": ""}) == 1  # one batch served all three
 
 
 @pytest.mark.timeout(600)
@@ -88,6 +88,6 @@ def test_a_job_that_stops_listening_leaves_the_batch_and_others_finish(tiny):
         return metrics
 
     metrics = asyncio.run(main())
-    decided = metrics.registry.get_sample_value("diffpo_tokens_total")
+    decided = metrics.registry.get_sample_value("diffpo_generation_tokens_total", {"model": ""})
     # the dropped row stopped at once: far fewer tokens than its whole answer were decided for it
     assert expected[0].new_tokens <= decided < expected[0].new_tokens + expected[1].new_tokens // 2

@@ -77,7 +77,7 @@ def expected(q: str) -> str:
 
 def refine_requests(url: str) -> float:
     text = httpx.get(url + "/metrics").text
-    m = re.search(r'diffpo_requests_total\{endpoint="/v1/refine",status="200"\} ([0-9.e+]+)', text)
+    m = re.search(r'diffpo_requests_total\{endpoint="/v1/refine",[^}]*status="200"\} ([0-9.e+]+)', text)
     return float(m.group(1)) if m else 0.0
 
 

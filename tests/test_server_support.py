@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 import threading
 import time
@@ -147,15 +148,13 @@ class HoldAtFirstJoin(WrappedEngine):
 
 
 def metric_value(text: str, name: str, labels: str = "") -> float:
-    """One sample from a Prometheus text exposition (0 when absent)."""
-    want = f"{name}{{{labels}}}" if labels else name
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        key, _, value = line.rpartition(" ")
-        if key == want:
-            return float(value)
-    return 0.0
+    """The sum of the samples ``name`` whose labels include ``labels`` (``'kind="x",...'``) in a
+    Prometheus text exposition, parsed by prometheus_client (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    want = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == name and want.items() <= s.labels.items())
 
 
 async def wait_queued(client: Any, n: int, gated: GatedEngine | None = None) -> None:

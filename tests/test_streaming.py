@@ -186,7 +186,7 @@ def test_a_client_that_hangs_up_frees_its_row_and_the_others_go_on(tiny):
         assert kept[-1] == ("done", kept[-1][1]) and kept[-1][1]["ok"]
         while metric(server.url, "diffpo_batch_items_count") < 1:
             threading.Event().wait(0.01)
-        decided = metric(server.url, "diffpo_tokens_total")
+        decided = metric(server.url, "diffpo_generation_tokens_total")
         # the dropped row stopped soon after the hang-up: far fewer tokens than its whole answer
         assert expected[0].new_tokens <= decided < expected[0].new_tokens + expected[1].new_tokens // 2
         assert metric(server.url, "diffpo_batch_requests_sum") == 2

@@ -104,6 +104,7 @@ class RefinedItem(BaseModel):
     new_tokens: int = Field(description="answer tokens decided, the stop token included")
     converged: bool = Field(description="false only when an iteration cap cut a block short")
     finish_reason: Literal["stop", "length"] = "stop"
+    prompt_tokens: int | None = Field(None, description="tokens of the templated prompt the refiner read")
 
     @property
     def passes_per_token(self) -> float:
@@ -116,6 +117,7 @@ class RefineResponse(BaseModel):
     items: list[RefinedItem]
     model: str
     timing: dict[str, float] = Field(default_factory=dict)
+    id: str | None = Field(None, description="the server's id of this response (``gen_ai.response.id`` on spans)")
 
 
 #: ``POST /v1/refine`` with ``"stream": true``: the Server-Sent Event names, in the order they come.

@@ -13,6 +13,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .protocol import MAX_NEW_TOKENS_LIMIT, BlockSize, parse_block_size
+from .tracing import capture_content_default
 
 Backend = Literal["auto", "http", "in_process"]
 
@@ -54,7 +55,8 @@ class DiffPOSettings(BaseSettings):
     connect_timeout: float = Field(3.0, gt=0, description="per attempt; short so dead endpoints fail over fast")
     retries: int = Field(3, ge=0, description="extra attempts after the first, across all endpoints")
     fail_open: bool = True
-    capture_content: bool = False
+    #: prompt and answer text on spans; unset, OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT decides
+    capture_content: bool = Field(default_factory=capture_content_default)
 
     @field_validator("endpoint", mode="before")
     @classmethod

@@ -28,9 +28,13 @@ class EchoResult:
     text: str
     iterations: int
     new_tokens: int
+    prompt_tokens: int = 0
+    finish_reason: str = "stop"
+    converged: bool = True
 
     def to_wire(self, with_token_ids: bool = False) -> RefinedItem:
-        return RefinedItem(text=self.text, iterations=self.iterations, new_tokens=self.new_tokens, converged=True)
+        return RefinedItem(text=self.text, iterations=self.iterations, new_tokens=self.new_tokens, converged=self.converged,
+                           prompt_tokens=self.prompt_tokens)
 
 
 @dataclass
@@ -74,7 +78,8 @@ class EchoEngine:
         out = []
         for item in coerce_items(list(items)):
             text = self.transform(item)
-            out.append(EchoResult(text=text, iterations=1, new_tokens=max(1, len(text.split()))))
+            words = sum(len(turn["content"].split()) for turn in item.conversation())
+            out.append(EchoResult(text=text, iterations=1, new_tokens=max(1, len(text.split())), prompt_tokens=words))
         return out
 
     def refine_stream(self, items: Sequence[RefineItem | dict[str, Any]], **options: Any) -> Iterator[EchoStreamEvent]:

@@ -4,12 +4,14 @@ GenAI semantic-convention keys are written as plain strings: the Python semconv
 constants for ``gen_ai.*`` are deprecated and keep moving. A refinement is a chat
 generation by the refiner model, so its span is ``chat {model}`` with provider
 ``diffpo``; what is specific to DiffPO goes under ``diffpo.*``. Prompt and answer text
-is recorded only when ``capture_content`` is on.
+is recorded only when ``capture_content`` is on, which by default follows OpenTelemetry's
+``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT`` (``DIFFPO_CAPTURE_CONTENT`` overrides it).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -30,6 +32,8 @@ GEN_AI_REQUEST_MODEL = "gen_ai.request.model"
 GEN_AI_REQUEST_MAX_TOKENS = "gen_ai.request.max_tokens"
 GEN_AI_RESPONSE_MODEL = "gen_ai.response.model"
 GEN_AI_RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
+GEN_AI_RESPONSE_ID = "gen_ai.response.id"
+GEN_AI_USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
 GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
 GEN_AI_INPUT_MESSAGES = "gen_ai.input.messages"
 GEN_AI_OUTPUT_MESSAGES = "gen_ai.output.messages"
@@ -43,10 +47,10 @@ DIFFPO_BATCH_SIZE = "diffpo.batch_size"
 DIFFPO_BLOCK_SIZE = "diffpo.block_size"
 DIFFPO_MAX_ITERATIONS = "diffpo.max_iterations"
 DIFFPO_PASSES = "diffpo.passes"
-DIFFPO_TOKENS_PER_PASS = "diffpo.tokens_per_pass"
+DIFFPO_PASSES_PER_TOKEN = "diffpo.passes_per_token"
 DIFFPO_CONVERGED = "diffpo.converged"
 DIFFPO_REFINED = "diffpo.refined"
-DIFFPO_FALLBACK_REASON = "diffpo.fallback_reason"
+DIFFPO_FAIL_OPEN_REASON = "diffpo.fail_open_reason"
 DIFFPO_PROMPT_SOURCE = "diffpo.prompt_source"
 DIFFPO_ATTEMPTS = "diffpo.attempts"
 DIFFPO_SERVER_MS = "diffpo.server_ms"
@@ -58,7 +62,16 @@ COMPLETION_SPAN = "diffpo.completion"
 
 OPERATION = "chat"
 
+#: OpenTelemetry's switch for GenAI message content; ``true`` or a value naming spans turns it on
+CAPTURE_CONTENT_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
+_CAPTURE_ON = frozenset({"true", "1", "yes", "on", "span_only", "span_and_event"})
+
 _tracer = trace.get_tracer(TRACER_NAME)
+
+
+def capture_content_default() -> bool:
+    """Whether ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT`` asks for content on spans (off unless set)."""
+    return os.environ.get(CAPTURE_CONTENT_ENV, "").strip().lower() in _CAPTURE_ON
 
 
 def tracer() -> trace.Tracer:
@@ -111,10 +124,15 @@ def record_response(span: Span, response: RefineResponse, *, capture_content: bo
         GEN_AI_USAGE_OUTPUT_TOKENS: tokens,
         GEN_AI_RESPONSE_FINISH_REASONS: [i.finish_reason for i in response.items],
         DIFFPO_PASSES: passes,
-        DIFFPO_TOKENS_PER_PASS: round(tokens / max(passes, 1), 4),
+        DIFFPO_PASSES_PER_TOKEN: round(passes / max(tokens, 1), 4),
         DIFFPO_CONVERGED: all(i.converged for i in response.items),
         DIFFPO_REFINED: True,
     })
+    prompt_tokens = [i.prompt_tokens for i in response.items]
+    if all(n is not None for n in prompt_tokens):
+        span.set_attribute(GEN_AI_USAGE_INPUT_TOKENS, sum(n for n in prompt_tokens if n is not None))
+    if response.id:
+        span.set_attribute(GEN_AI_RESPONSE_ID, response.id)
     server_ms = response.timing.get("total_ms") if response.timing else None
     if isinstance(server_ms, (int, float)):
         span.set_attribute(DIFFPO_SERVER_MS, float(server_ms))
@@ -130,13 +148,33 @@ def record_fallback(span: Span, error: BaseException, *, fail_open: bool) -> Non
         return
     span.set_attributes({
         DIFFPO_REFINED: False,
-        DIFFPO_FALLBACK_REASON: f"{type(error).__name__}: {error}"[:500],
+        DIFFPO_FAIL_OPEN_REASON: f"{type(error).__name__}: {error}"[:500],
         ERROR_TYPE: type(error).__name__,
     })
     span.record_exception(error)
     span.set_status(Status(StatusCode.ERROR, str(error)[:200]))
     if fail_open:
         span.add_event("diffpo.fail_open", {"diffpo.returned": "draft"})
+
+
+def upstream_attributes(model: str, provider: str) -> dict[str, Any]:
+    """The proxy's call to its upstream LLM is a GenAI chat call of its own: ``chat {model}``."""
+    return {GEN_AI_OPERATION_NAME: OPERATION, GEN_AI_PROVIDER_NAME: provider, GEN_AI_REQUEST_MODEL: model}
+
+
+def record_upstream(span: Span, completion: dict[str, Any]) -> None:
+    """Response id, model, finish reasons and token usage of an OpenAI-style chat completion."""
+    if not span.is_recording():
+        return
+    usage = completion.get("usage") or {}
+    attrs = {
+        GEN_AI_RESPONSE_ID: completion.get("id"),
+        GEN_AI_RESPONSE_MODEL: completion.get("model"),
+        GEN_AI_RESPONSE_FINISH_REASONS: [str(c.get("finish_reason")) for c in completion.get("choices") or []],
+        GEN_AI_USAGE_INPUT_TOKENS: usage.get("prompt_tokens"),
+        GEN_AI_USAGE_OUTPUT_TOKENS: usage.get("completion_tokens"),
+    }
+    span.set_attributes({k: v for k, v in attrs.items() if v is not None})
 
 
 def _input_messages(item: RefineItem) -> list[dict[str, Any]]:

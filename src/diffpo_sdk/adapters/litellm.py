@@ -89,7 +89,7 @@ def _mark_root(outcomes: list[Outcome]) -> None:
         root.set_attribute(tracing.DIFFPO_REFINED, all(o.refined for o in outcomes))
         errors = [o.info.get("error") or o.info.get("reason", "") for o in outcomes if not o.refined]
         if errors:
-            root.set_attribute(tracing.DIFFPO_FALLBACK_REASON, errors[0][:500])
+            root.set_attribute(tracing.DIFFPO_FAIL_OPEN_REASON, errors[0][:500])
 
 
 def refine_response(response: Any, messages: Any, *, settings: DiffPOSettings | None = None,

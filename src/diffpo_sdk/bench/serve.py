@@ -120,7 +120,7 @@ async def run_level(
 async def server_metric(client: httpx.AsyncClient, name: str) -> float | None:
     text = (await client.get("/metrics")).text
     for line in text.splitlines():
-        if line.startswith(name + " "):
+        if line.startswith(name + " ") or line.startswith(name + "{"):
             return float(line.split()[-1])
     return None
 
@@ -186,7 +186,7 @@ async def bench(args: argparse.Namespace, url: str) -> dict[str, Any]:
             sampler.cancel()
             await sample_rss()
             soak.update(rss_before_mb=samples[0], rss_after_mb=samples[-1], rss_samples_mb=samples)
-        queue_after = await server_metric(client, "diffpo_queue_depth")
+        queue_after = await server_metric(client, "diffpo_num_requests_waiting")
     return {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "model": args.model,

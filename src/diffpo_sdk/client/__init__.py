@@ -13,7 +13,8 @@ answer it returns the draft marked ``{"refined": False, "reason": ..., "error": 
   ``AsyncDiffPOClient``;
 - :mod:`.in_process`: the engine in this process, and ``InProcessClient`` /
   ``AsyncInProcessClient``;
-- :mod:`.shared`: a backend from the settings, one shared client per settings.
+- :mod:`.shared`: a backend from the settings, one shared client per settings;
+- :mod:`.genai_metrics`: the GenAI client metrics every call records (OpenTelemetry metrics API).
 """
 
 from .core import (

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 from opentelemetry.trace import Span
 
 from .. import tracing
+from .genai_metrics import record_call
 from ..errors import InvalidRequestError
 from ..protocol import RefinedItem, RefineItem, RefineOptions, RefineResponse, StreamDelta, StreamItem, coerce_items
 from ..settings import DiffPOSettings
@@ -205,13 +206,13 @@ class _ClientCore:
             try:
                 yield result
             except Exception as e:
-                self._failed(span, e, fail_open)
+                self._failed(span, e, fail_open, call)
                 if not fail_open:
                     raise
                 result.value = e
             else:
                 assert isinstance(result.value, RefineResponse)
-                self._succeeded(span, result.value)
+                self._succeeded(span, result.value, call)
 
     def _begin(self, items: Sequence[RefineItem | dict[str, Any]], options: dict[str, Any],
                prompt_sources: Sequence[str] | None, *, strict: bool) -> _Call:
@@ -250,15 +251,17 @@ class _ClientCore:
             capture_content=self.settings.capture_content,
         )
 
-    def _failed(self, span: Span, error: BaseException, fail_open: bool) -> None:
+    def _failed(self, span: Span, error: BaseException, fail_open: bool, call: _Call) -> None:
         tracing.record_fallback(span, error, fail_open=fail_open)
+        record_call(time.perf_counter() - call.started, model=self.model, error=error)
         if fail_open:
             warn_once(REFINER_FAILED, f"the refiner could not answer, so drafts come back unrefined (marked "
                                       f"refined=False, reason 'refiner_failed'); first cause: "
                                       f"{type(error).__name__}: {error}. Later ones are logged at debug level.")
 
-    def _succeeded(self, span: Span, resp: RefineResponse) -> None:
+    def _succeeded(self, span: Span, resp: RefineResponse, call: _Call) -> None:
         tracing.record_response(span, resp, capture_content=self.settings.capture_content)
+        record_call(time.perf_counter() - call.started, model=self.model, response=resp)
 
     def _outcomes(self, call: _Call, result: RefineResponse | BaseException | None) -> list[Outcome]:
         """One outcome per item, in order: refined, failed open, or held back for want of a prompt."""
@@ -342,7 +345,7 @@ class _Streaming:
     def failed(self, error: BaseException) -> list[StreamPiece]:
         """Fail-open: every unfinished item goes on with the rest of its draft (strict: raise)."""
         assert self.span is not None
-        self.core._failed(self.span, error, self.fail_open)
+        self.core._failed(self.span, error, self.fail_open, self.call)
         self.end(error)
         if not self.fail_open:
             raise error
@@ -363,7 +366,7 @@ class _Streaming:
         self.closed = True
         if error is None and len(self.items) == len(self.call.todo) and self.span is not None:
             resp = RefineResponse(items=[self.items[i] for i in self.call.todo], model=self.model or "")
-            self.context.run(self.core._succeeded, self.span, resp)
+            self.context.run(self.core._succeeded, self.span, resp, self.call)
         self.context.run(self.span_cm.__exit__, None, None, None)
 
 

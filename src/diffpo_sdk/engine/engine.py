@@ -34,6 +34,7 @@ class RefineResult:
     converged: bool
     finish_reason: str
     timing: dict[str, float] = field(default_factory=dict)
+    prompt_tokens: int = 0
 
     @property
     def passes_per_token(self) -> float:
@@ -47,6 +48,7 @@ class RefineResult:
             new_tokens=self.new_tokens,
             converged=self.converged,
             finish_reason="stop" if self.finish_reason == "stop" else "length",
+            prompt_tokens=self.prompt_tokens,
         )
 
 
@@ -328,4 +330,5 @@ class RefinerEngine:
             converged=row.converged,
             finish_reason=row.finish_reason or "length",
             timing={"batch_s": seconds},  # from joining the batch to done
+            prompt_tokens=len(row.prompt),
         )

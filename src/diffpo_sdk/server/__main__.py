@@ -90,10 +90,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"diffpo serve: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # the stable HTTP span and metric names (http.request.method, ...) unless the operator says otherwise
+    os.environ.setdefault("OTEL_SEMCONV_STABILITY_OPT_IN", "http")
 
     import uvicorn
 
     from .app import create_app
+    from .telemetry import configure_from_env
+
+    configure_from_env()
 
     app = create_app(engine_loader(args), config)
     uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=5)

@@ -12,13 +12,14 @@ import hmac
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -122,7 +123,8 @@ def create_app(
         timing = {k: float(v) for k, v in stats.items()}
         timing["total_ms"] = 1000 * (time.monotonic() - t0)
         return RefineResponse(
-            items=[r.to_wire() for r in results], model=state.engine.model_name, timing=timing
+            items=[r.to_wire() for r in results], model=state.engine.model_name, timing=timing,
+            id=f"refine-{uuid.uuid4().hex}",
         )
 
     @app.get("/health")
@@ -153,7 +155,24 @@ def create_app(
     app.add_middleware(BodyGuard, state=state)
     app.add_middleware(ApiKeyAuth, state=state)
     app.add_middleware(Observe, state=state)
+    instrument_http(app, tracer_provider)
     return app
+
+
+def instrument_http(app: FastAPI, tracer_provider: trace.TracerProvider | None) -> None:
+    """HTTP server spans (``POST /v1/refine``, with ``http.route``) from OpenTelemetry's FastAPI
+    instrumentation, children of the caller's ``traceparent``. Probes and scrapes get none, nor do
+    the per-message ``http send`` / ``http receive`` spans (one per streamed event)."""
+    try:
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+    except ImportError:  # the server extra installs it; without it the server serves, untraced
+        log.warning("opentelemetry-instrumentation-fastapi is not installed: no HTTP server spans "
+                    "(pip install 'diffpo-sdk[server]')")
+        return
+    if getattr(app, "_is_instrumented_by_opentelemetry", False):
+        return  # opentelemetry-instrument got there first (its OTEL_PYTHON_FASTAPI_* settings apply)
+    FastAPIInstrumentor.instrument_app(app, tracer_provider=tracer_provider, excluded_urls="/health,/metrics",
+                                       exclude_spans=["receive", "send"])
 
 
 async def _next(deltas: AsyncIterator[Any]) -> Any:
@@ -181,7 +200,7 @@ async def _refine_events(state: ServerState, body: RefineRequest, deltas: AsyncI
             except StopAsyncIteration:
                 break
     except Exception as e:  # noqa: BLE001 (the 200 is out: the failure goes into the stream)
-        state.metrics.errors.labels("stream_failed").inc()
+        state.metrics.error("stream_failed")
         log.warning("a streamed refinement failed mid-stream: %s", type(e).__name__)
         yield sse(stream_error(e), "error")
         yield sse(StreamDone(ok=False, model=model), "done")
@@ -203,6 +222,7 @@ async def _load(state: ServerState, loader: Callable[[], RefinerEngineProtocol])
 
 def _ready(state: ServerState, engine: RefinerEngineProtocol) -> None:
     state.engine = engine
+    state.metrics.bind(getattr(engine, "model_name", ""))
     batcher = Batcher(engine, state.config, state.metrics, state.tracer)
     batcher.start()
     state.batcher = batcher
@@ -213,58 +233,58 @@ def _ready(state: ServerState, engine: RefinerEngineProtocol) -> None:
 
 
 def _add_error_handlers(app: FastAPI, state: ServerState) -> None:
-    errors = state.metrics.errors
+    errors = state.metrics.error
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = exc.errors()
         if any(p.get("type") == "json_invalid" for p in problems):
-            errors.labels("malformed_json").inc()
+            errors("malformed_json")
             ctx = next(p.get("ctx", {}) for p in problems if p.get("type") == "json_invalid")
             return error_response(400, "malformed_json", f"the body is not valid JSON: {ctx.get('error', 'parse error')}")
-        errors.labels("validation").inc()
+        errors("validation")
         return error_response(422, "invalid_request", describe_validation(problems))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        errors.labels(kind).inc()
+        errors(kind)
         return error_response(exc.status_code, kind, str(exc.detail), getattr(exc, "headers", None))
 
     @app.exception_handler(ContextLengthError)
     async def _context(request: Request, exc: ContextLengthError) -> JSONResponse:
-        errors.labels("context_length").inc()
+        errors("context_length")
         return error_response(400, "context_length_exceeded", str(exc))
 
     @app.exception_handler(InvalidRequestError)
     async def _invalid(request: Request, exc: InvalidRequestError) -> JSONResponse:
-        errors.labels("invalid_request").inc()
+        errors("invalid_request")
         return error_response(400, "invalid_request", str(exc))
 
     @app.exception_handler(QueueFullError)
     async def _full(request: Request, exc: QueueFullError) -> JSONResponse:
-        errors.labels("queue_full").inc()
+        errors("queue_full")
         return error_response(429, "queue_full", str(exc), {"Retry-After": str(exc.retry_after)})
 
     @app.exception_handler(DeadlineExceededError)
     async def _deadline(request: Request, exc: DeadlineExceededError) -> JSONResponse:
-        errors.labels("timeout").inc()
+        errors("timeout")
         retry = str(state.batcher.retry_after() if state.batcher else 1)
         return error_response(503, "timeout", str(exc), {"Retry-After": retry})
 
     @app.exception_handler(NotReadyError)
     async def _not_ready(request: Request, exc: NotReadyError) -> JSONResponse:
-        errors.labels("not_ready").inc()
+        errors("not_ready")
         return error_response(503, "not_ready", str(exc), {"Retry-After": "5"})
 
     @app.exception_handler(ShuttingDownError)
     async def _stopping(request: Request, exc: ShuttingDownError) -> JSONResponse:
-        errors.labels("shutting_down").inc()
+        errors("shutting_down")
         return error_response(503, "shutting_down", str(exc), {"Retry-After": "5"})
 
     @app.exception_handler(ClientDisconnectedError)
     async def _gone(request: Request, exc: ClientDisconnectedError) -> Response:
-        errors.labels("client_disconnected").inc()
+        errors("client_disconnected")
         return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
 
     @app.exception_handler(OutOfMemoryError)
@@ -273,7 +293,7 @@ def _add_error_handlers(app: FastAPI, state: ServerState) -> None:
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        errors.labels("internal").inc()
+        errors("internal")
         log.error("internal error on %s: %s", request.url.path, type(exc).__name__, exc_info=exc)
         return error_response(500, "internal_error", f"internal error ({type(exc).__name__}); see the server log")
 
@@ -301,7 +321,7 @@ async def _send_error(send: Send, status: int, kind: str, message: str, headers:
 
 
 class Observe:
-    """Request span (child of the client's W3C ``traceparent``), latency and status metrics."""
+    """Latency and status metrics of every request (its span comes from the FastAPI instrumentation)."""
 
     def __init__(self, app: ASGIApp, state: ServerState) -> None:
         self.app, self.state = app, state
@@ -320,24 +340,10 @@ class Observe:
 
         t0 = time.monotonic()
         try:
-            if path.startswith("/v1/"):
-                headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-                parent = propagate.extract(headers)
-                with self.state.tracer.start_as_current_span(
-                    f"diffpo.server {scope['method']} {path}", context=parent, kind=trace.SpanKind.SERVER
-                ) as span:
-                    span.set_attribute("http.request.method", scope["method"])
-                    span.set_attribute("url.path", path)
-                    await self.app(scope, receive, send_observed)
-                    span.set_attribute("http.response.status_code", status["code"])
-                    if status["code"] >= 500:
-                        span.set_status(trace.StatusCode.ERROR)
-            else:
-                await self.app(scope, receive, send_observed)
+            await self.app(scope, receive, send_observed)
         finally:
-            if endpoint != "/metrics":
-                self.state.metrics.latency.labels(endpoint).observe(time.monotonic() - t0)
-            self.state.metrics.requests.labels(endpoint, str(status["code"])).inc()
+            seconds = None if endpoint == "/metrics" else time.monotonic() - t0
+            self.state.metrics.request(endpoint, status["code"], seconds)
 
 
 class ApiKeyAuth:
@@ -353,7 +359,7 @@ class ApiKeyAuth:
             return await self.app(scope, receive, send)
         given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
         if not hmac.compare_digest(given, self.expected):
-            self.state.metrics.errors.labels("unauthorized").inc()
+            self.state.metrics.error("unauthorized")
             return await _send_error(
                 send, 401, "unauthorized", "missing or wrong API key: send 'Authorization: Bearer <key>'",
                 {"WWW-Authenticate": "Bearer"},
@@ -371,10 +377,10 @@ class BodyGuard:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         limit = self.state.config.max_body_bytes
-        errors = self.state.metrics.errors
+        errors = self.state.metrics.error
         declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            errors.labels("too_large").inc()
+            errors("too_large")
             return await _send_error(send, 413, "too_large", f"request body of {int(declared)} bytes exceeds the {limit}-byte limit")
         chunks, size = [], 0
         while True:
@@ -384,7 +390,7 @@ class BodyGuard:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                errors.labels("too_large").inc()
+                errors("too_large")
                 return await _send_error(send, 413, "too_large", f"request body exceeds the {limit}-byte limit")
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -393,7 +399,7 @@ class BodyGuard:
         try:
             body.decode("utf-8")
         except UnicodeDecodeError as e:
-            errors.labels("invalid_utf8").inc()
+            errors("invalid_utf8")
             return await _send_error(send, 400, "invalid_utf8", f"the body is not valid UTF-8 (byte {e.start}: {e.reason})")
 
         replayed = False

@@ -96,6 +96,7 @@ class Job:
     batch_span: Any = None
     batch_size: int = 0  # items decoding in the batch just after it joined
     batch_requests: int = 0
+    first_token: float = 0.0  # when its first answer token was verified (engine thread)
 
 
 Row = tuple[Job, int]  # (job, item index within the job)
@@ -152,7 +153,7 @@ class Batcher:
         for job in left:
             if not job.future.done():
                 job.future.set_exception(ShuttingDownError("the server is shutting down"))
-        self.metrics.queue_depth.set(0)
+        self.metrics.waiting.set(0)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # -- admission ---------------------------------------------------------------------------
@@ -265,7 +266,7 @@ class Batcher:
             job.queue_span = self.tracer.start_span("diffpo.server.queue", context=job.parent)
             job.queue_span.set_attribute("diffpo.items", len(job.items))
             self._pending.append(job)
-            self.metrics.queue_depth.set(len(self._pending))
+            self.metrics.waiting.set(len(self._pending))
         self._arrived.set()
 
     def cancel(self, job: Job) -> None:
@@ -278,7 +279,7 @@ class Batcher:
                 queued = False  # already running (the engine polls ``cancelled``) or finished
             else:
                 queued = True
-            self.metrics.queue_depth.set(len(self._pending))
+            self.metrics.waiting.set(len(self._pending))
         if queued:
             self._end_queue_span(job, cancelled=True)
         if not job.future.done():
@@ -318,7 +319,7 @@ class Batcher:
             batch = [job for job in batch if job in self._pending]  # cancelled meanwhile: gone
             for job in batch:
                 self._pending.remove(job)
-            self.metrics.queue_depth.set(len(self._pending))
+            self.metrics.waiting.set(len(self._pending))
         return batch
 
     def _collect(self, key: OptionsKey) -> list[Job]:
@@ -348,7 +349,7 @@ class Batcher:
                 room -= len(job.items)
             for job in taken:
                 self._pending.remove(job)
-            self.metrics.queue_depth.set(len(self._pending))
+            self.metrics.waiting.set(len(self._pending))
         return taken
 
     async def _run_batch(self, batch: list[Job]) -> None:
@@ -363,9 +364,10 @@ class Batcher:
         try:
             await asyncio.get_running_loop().run_in_executor(self._executor, self._run_engine, run, jobs)
         finally:
-            self.metrics.inflight_items.set(0)
+            self.metrics.items_running.set(0)
+            self.metrics.running.set(0)
         m = self.metrics
-        m.batch_seconds.observe(time.monotonic() - start)
+        m.batch_duration.observe(time.monotonic() - start)
         m.batch_items.observe(run.served_items)
         m.batch_requests.observe(run.served_jobs)
 
@@ -391,9 +393,10 @@ class Batcher:
             job.joined, job.seen = now, [0] * len(job.items)
             job.batch_size, job.batch_requests = run.live, len(run.jobs)
             self._end_queue_span(job, cancelled=False)
-            self.metrics.queue_wait.observe(now - job.enqueued)
+            self.metrics.queue_time.observe(now - job.enqueued)
             job.batch_span = self.tracer.start_span("diffpo.engine.batch", context=job.parent)
-        self.metrics.inflight_items.set(run.live)
+        self.metrics.items_running.set(run.live)
+        self.metrics.running.set(len(run.jobs))
         return [job.items[k] for job in jobs for k in range(len(job.items))]
 
     def _run_engine(self, run: Run, jobs: list[Job]) -> None:
@@ -444,11 +447,14 @@ class Batcher:
         tokens = sum(r.new_tokens for r in done)
         m = self.metrics
         for r in done:
-            m.tokens.inc(r.new_tokens)
-            if r.iterations:
-                m.passes_per_token.observe(r.iterations / max(r.new_tokens, 1))
-                m.tokens_per_pass.observe(r.new_tokens / r.iterations)
-        m.inflight_items.set(run.live)
+            m.item_done(getattr(r, "finish_reason", "stop"), getattr(r, "prompt_tokens", 0), r.new_tokens, r.iterations)
+        now = time.monotonic()
+        if not any(isinstance(r, BaseException) for r in results):
+            m.e2e.observe(now - job.enqueued)
+            if tokens:  # an engine that reports no tokens as it goes hands them all over now
+                m.ttft.observe((job.first_token or now) - job.enqueued)
+        m.items_running.set(run.live)
+        m.running.set(len(run.jobs))
         job.stats.update(
             queue_ms=1000 * (job.joined - job.enqueued), engine_ms=1000 * engine_s,
             batch_items=job.batch_size, batch_requests=job.batch_requests, batch_passes=passes,
@@ -458,7 +464,7 @@ class Batcher:
             "diffpo.batch_size": job.batch_size,
             "diffpo.batch_requests": job.batch_requests,
             "diffpo.passes": passes,
-            "diffpo.tokens_per_pass": tokens / passes if passes else 0.0,
+            "diffpo.passes_per_token": passes / tokens if tokens else 0.0,
         })
         error = next((r for r in results if isinstance(r, BaseException)), None)
         if error is not None:
@@ -476,6 +482,8 @@ class Batcher:
 
         def on_tokens(i: int, ids: list[int]) -> None:
             job, k = rows[i]
+            if ids and not job.first_token:
+                job.first_token = time.monotonic()
             if job.on_tokens is None or loop is None:
                 return
             with lock:
@@ -516,7 +524,7 @@ class Batcher:
             return list(self._engine_refine(rows, key, [job.items[k] for job, k in rows]))
         except Exception as e:  # noqa: BLE001
             if is_oom(e):
-                self.metrics.errors.labels("oom").inc()
+                self.metrics.error("oom")
                 _empty_cache()
                 if len(rows) > 1:
                     self.metrics.oom_splits.inc()

@@ -30,8 +30,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from opentelemetry.trace import SpanKind
 from pydantic import BaseModel, ConfigDict, Field
 
+from .. import tracing
 from ..adapters.convert import conversation as to_conversation
 from ..adapters.answers import openai_pass_through_reason, refined_finish_reason
 from ..client.core import draft_rest
@@ -121,11 +123,11 @@ class UpstreamError(Exception):
 
 
 def add_chat_routes(app: FastAPI, state: ServerState) -> None:
-    errors = state.metrics.errors
+    errors = state.metrics.error
 
     @app.exception_handler(UpstreamError)
     async def _upstream(request: Request, exc: UpstreamError) -> JSONResponse:
-        errors.labels("upstream").inc()
+        errors("upstream")
         headers = {"Retry-After": exc.retry_after} if exc.retry_after else None
         return error_response(exc.status, "upstream_error", str(exc), headers)
 
@@ -170,7 +172,7 @@ def add_chat_routes(app: FastAPI, state: ServerState) -> None:
         try:
             results, stats = await until_disconnect(request, batcher.refine(items, key))
         except FAIL_OPEN as e:
-            errors.labels("refine_failed_open").inc()
+            errors("refine_failed_open")
             upstream["diffpo"] = {"refined": False, "reason": str(e)}
             return upstream
         for i, res in zip(targets, results):
@@ -190,13 +192,14 @@ async def _call_upstream(state: ServerState, model: str, messages: list[dict], p
     if cfg.upstream_api_base:
         kwargs["api_base"] = cfg.upstream_api_base
     kwargs.update(cfg.upstream_extra)
-    with state.tracer.start_as_current_span("diffpo.server.upstream") as span:
-        span.set_attribute("diffpo.upstream.model", model)
+    provider = _provider(litellm, model)
+    with state.tracer.start_as_current_span(f"{tracing.OPERATION} {model}", kind=SpanKind.CLIENT,
+                                            attributes=tracing.upstream_attributes(model, provider)) as span:
         try:
             resp = await litellm.acompletion(**kwargs)
         except Exception as e:
             status = getattr(e, "status_code", None)
-            span.record_exception(e)
+            span.set_attribute(tracing.ERROR_TYPE, type(e).__name__)
             if status in (400, 404, 422):
                 raise UpstreamError(400, f"the upstream LLM rejected the request: {e}") from e
             if status == 429:
@@ -204,11 +207,20 @@ async def _call_upstream(state: ServerState, model: str, messages: list[dict], p
             if status == 408 or "timeout" in type(e).__name__.lower():
                 raise UpstreamError(504, f"the upstream LLM timed out: {e}") from e
             raise UpstreamError(502, f"the upstream LLM call failed ({type(e).__name__}): {e}") from e
-    out = resp.model_dump() if hasattr(resp, "model_dump") else dict(resp)
-    out.pop("_hidden_params", None)
-    if isinstance(out.get("usage"), dict):  # LiteLLM fills absent details with nulls
-        out["usage"] = {k: v for k, v in out["usage"].items() if v is not None}
+        out = resp.model_dump() if hasattr(resp, "model_dump") else dict(resp)
+        out.pop("_hidden_params", None)
+        if isinstance(out.get("usage"), dict):  # LiteLLM fills absent details with nulls
+            out["usage"] = {k: v for k, v in out["usage"].items() if v is not None}
+        tracing.record_upstream(span, out)
     return out
+
+
+def _provider(litellm: Any, model: str) -> str:
+    """LiteLLM's name for the model's provider (``openai``, ``anthropic``, ...), for ``gen_ai.provider.name``."""
+    try:
+        return str(litellm.get_llm_provider(model)[1])
+    except Exception:  # noqa: BLE001 (an unknown model still gets its call traced)
+        return "litellm"
 
 
 def _stats(state: ServerState, results: list[Any], stats: dict[str, float]) -> dict[str, Any]:
@@ -278,13 +290,13 @@ async def _stream(
                 if d.result is not None:
                     results[d.index] = d.result
         except FAIL_OPEN as e:  # the refiner gave up: the rest of each draft follows, marked unrefined
-            state.metrics.errors.labels("refine_failed_open").inc()
+            state.metrics.error("refine_failed_open")
             diffpo = {"refined": False, "reason": str(e), "partial": any(streamed)}
             for k, item in enumerate(items):
                 if k not in results and (rest := draft_rest(streamed[k], item.draft)):
                     yield chunk(targets[k], {"content": rest})
         except Exception as e:  # noqa: BLE001 (the 200 is out: say so in the stream, never just stop)
-            state.metrics.errors.labels("stream_failed").inc()
+            state.metrics.error("stream_failed")
             log.warning("a streamed chat completion failed mid-stream: %s", type(e).__name__)
             yield sse(stream_error(e))
             yield "data: [DONE]\n\n"
