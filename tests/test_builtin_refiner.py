@@ -164,8 +164,8 @@ def test_diffpo_model_env_picks_the_shipped_refiner(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("DIFFPO_MODEL", DIFFPO_NAME)
     client = InProcessClient(device="cpu", dtype="float32")
     assert client.engine.model_name == DIFFPO_NAME
-    out = client.refine(ITEMS[:1], block_size=16, max_new_tokens=N).items[0]
-    assert out.text == client.engine.refine(ITEMS[:1], block_size=N, max_new_tokens=N)[0].text
+    out = client.refine(ITEMS[:1], block_size=4, max_new_tokens=12).items[0]
+    assert out.text == client.engine.refine(ITEMS[:1], block_size=12, max_new_tokens=12)[0].text
 
 
 def test_shipped_artefact_is_compact_offline_and_packaged() -> None:
@@ -188,3 +188,25 @@ def test_shipped_artefact_is_compact_offline_and_packaged() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split()[0] == DIFFPO_NAME
+
+
+def test_an_adapter_trained_on_an_adapter_loads_on_both(tiny_llama_dir: str, tmp_path: Path) -> None:
+    """What ``diffpo train --model smollm2-135m-diffpo --lora-r 8`` writes: an adapter whose base is
+    itself an adapter folder. It loads on the merged inner adapter and equals greedy generate of
+    base + inner (merged) + outer (not merged)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    inner = random_lora(tiny_llama_dir, tmp_path / "inner", base_name=tiny_llama_dir, seed=1)
+    outer = random_lora(tiny_llama_dir, tmp_path / "outer", base_name=str(inner), seed=2)
+    engine = RefinerEngine.from_pretrained(str(outer), device="cpu", dtype="float32", calibrate=False)
+    assert not any("lora" in n for n, _ in engine.model.named_parameters())
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(PeftModel.from_pretrained(base, str(inner)).merge_and_unload(), str(outer))
+    reference = SimpleNamespace(model=model.eval(), tokenizer=engine.tokenizer, device=engine.device,
+                                stop_ids=engine.stop_ids, pad_id=engine.pad_id)
+    without_outer = RefinerEngine.from_pretrained(str(inner), device="cpu", dtype="float32", calibrate=False)
+    item = ITEMS[0]
+    expected = greedy_reference(reference, item, 16)  # type: ignore[arg-type]
+    assert engine.refine([item], block_size=8, max_new_tokens=16)[0].token_ids == expected
+    assert expected != greedy_reference(without_outer, item, 16)

@@ -145,35 +145,53 @@ def load_model_and_tokenizer(
     """Load (model, tokenizer, display name), with an optional PEFT LoRA adapter on top.
 
     A folder holding only an adapter (what the trainer writes with ``--lora-r``, and the
-    built-in ``smollm2-135m-diffpo``) is loaded on its base model, read from
-    ``adapter_config.json``. ``merge_adapter`` folds the adapter into the weights, so decoding
-    costs what the base costs; ``False`` keeps the PEFT wrapper (to inspect or train it).
+    built-in ``smollm2-135m-diffpo``) is loaded on its base model, named in
+    ``adapter_config.json`` and loaded the same way, so an adapter trained on the built-in
+    adapter works too. ``merge_adapter`` folds the adapter into the weights, so decoding costs
+    what the base costs; ``False`` keeps the outermost adapter as a PEFT wrapper (to inspect it).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, extra = resolve_model_path(name_or_path, gguf_file)
-    if adapter is None and (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file():
-        adapter, path, extra = path, *resolve_model_path(_adapter_base(path))
-    try:
-        tok_src = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else path
-        tokenizer = AutoTokenizer.from_pretrained(tok_src, **extra)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
-    except OSError as e:
-        raise ModelNotFoundError(
-            f"could not load refiner {name_or_path!r}: {e}. Give a local folder, a .gguf file, "
-            f"a reachable Hugging Face hub id, or a built-in name ({SMOLLM2_NAME!r}, {DIFFPO_NAME!r})"
-        ) from e
+    if _is_adapter_only(path):
+        base, tokenizer, _ = load_model_and_tokenizer(_adapter_base(path), device=device, dtype=dtype)
+        model = _with_adapter(base, path, merge=merge_adapter or adapter is not None)
+        tokenizer = _adapter_tokenizer(path) or tokenizer
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, **extra)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
+        except OSError as e:
+            raise ModelNotFoundError(
+                f"could not load refiner {name_or_path!r}: {e}. Give a local folder, a .gguf file, "
+                f"a reachable Hugging Face hub id, or a built-in name ({SMOLLM2_NAME!r}, {DIFFPO_NAME!r})"
+            ) from e
     if adapter is not None:
-        from peft import PeftModel
-
         if not (Path(adapter) / "adapter_config.json").is_file() and Path(adapter).exists():
             raise ModelNotFoundError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
-        model = PeftModel.from_pretrained(model, adapter)
-        if merge_adapter:
-            model = model.merge_and_unload()
+        model = _with_adapter(model, adapter, merge=merge_adapter)
+        tokenizer = _adapter_tokenizer(adapter) or tokenizer
     model.to(device).eval()
     model.requires_grad_(False)
     return model, tokenizer, name_or_path
+
+
+def _is_adapter_only(path: str) -> bool:
+    return (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file()
+
+
+def _with_adapter(model: Any, adapter: str, *, merge: bool) -> Any:
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(model, adapter)
+    return model.merge_and_unload() if merge else model
+
+
+def _adapter_tokenizer(adapter: str) -> Any | None:
+    """The tokenizer saved beside an adapter (the trainer saves one), if any."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(adapter) if (Path(adapter) / "tokenizer_config.json").is_file() else None
 
 
 def _adapter_base(adapter_dir: str) -> str:
