@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .builtin_refiners import BUILTIN_REFINER
 from .protocol import MAX_NEW_TOKENS_LIMIT, BlockSize, parse_block_size
 from .tracing import capture_content_default
 
@@ -40,7 +41,7 @@ class DiffPOSettings(BaseSettings):
     api_key: SecretStr | None = None
     backend: Backend = "auto"
     #: in-process refiner: a built-in name, a local folder or a hub id
-    model: str = "smollm2-135m-instruct"
+    model: str = BUILTIN_REFINER
     device: str = "auto"
     dtype: str = "auto"
     adapter: str | None = None

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..builtin_refiners import BUILTIN_REFINER
 from ..protocol import parse_block_size
 from ..shared_data import ALPACA_PREFERENCES, BUNDLED_DRAFTS, shared_file
 
@@ -134,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"LiteLLM model id of the base LLM (default {LOCAL_DRAFTER}: local, offline)")
     p.add_argument("--temperature", type=float, default=0.7, help="the drafter's sampling temperature")
     p.add_argument("--seed", type=int, default=0, help="seed of the local drafter's sampling")
-    p.add_argument("--model", default="smollm2-135m-instruct", help="the refiner (built-in name, folder, hub id)")
+    p.add_argument("--model", default=BUILTIN_REFINER, help=f"the refiner (built-in name, folder, hub id; default {BUILTIN_REFINER})")
     p.add_argument("--adapter", default=None, help="PEFT LoRA adapter for the refiner (e.g. from diffpo train)")
     p.add_argument("--block-size", default="auto", help="'auto' (adaptive) or an integer")
     p.add_argument("--max-iterations", type=int, default=None, help="cap on passes per block (speed over exactness)")

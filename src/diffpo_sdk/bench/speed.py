@@ -14,6 +14,10 @@ Reported per configuration: forward passes per token, tokens decided per pass, a
 wall-clock ratio against HF ``generate`` (above 1 is faster). Also 8 requests batched
 against the same 8 one by one, and the official repository's no-cache Jacobi (whole prompt
 and answer re-run every iteration) on real drafts.
+
+``--compare-model`` puts a second refiner beside the first on the same real drafts (for
+example the built-in trained ``smollm2-135m-diffpo`` beside the untrained
+``smollm2-135m-instruct``): passes per token and speed of both, per block size, in one run.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any
 
 import torch
 
+from ..builtin_refiners import DIFFPO_NAME, SMOLLM2_NAME
 from ..engine import RefineResult, RefinerEngine
 from ..engine.row import Row
 from ..engine.templating import draft_ids, prompt_ids
@@ -143,6 +148,30 @@ def _timed(fn, *args, **kwargs):
     return out, time.perf_counter() - t0
 
 
+def compare_refiners(engines: list[RefinerEngine], items: list[dict[str, Any]], blocks: list[Any],
+                     max_new_tokens: int) -> tuple[list[dict[str, Any]], int]:
+    """Each refiner on the same drafts, interleaved per prompt (a drifting machine load hits all
+    alike), each against its own greedy ``generate``. Returns the rows and the outputs differing
+    from that ``generate``."""
+    secs = {(k, b): 0.0 for k in range(len(engines)) for b in blocks}
+    results: dict[tuple[int, Any], list[RefineResult]] = {key: [] for key in secs}
+    hf = [0.0] * len(engines)
+    mismatches = 0
+    for it in items:
+        for k, engine in enumerate(engines):
+            ref, s = _timed(engine.generate, it, max_new_tokens=max_new_tokens)
+            hf[k] += s
+            for block in blocks:
+                (res,), s = _timed(engine.refine, [it], block_size=block, max_new_tokens=max_new_tokens)
+                secs[k, block] += s
+                results[k, block].append(res)
+                mismatches += res.token_ids != ref.token_ids
+    rows = [{"model": engines[k].model_name, **_summarise(f"engine block={block}", "real", results[k, block],
+                                                           secs[k, block], hf[k])}
+            for block in blocks for k in range(len(engines))]
+    return rows, mismatches
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
@@ -162,6 +191,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     official_blocks = [int(b) for b in args.official_blocks.split(",") if b]
     steps = len(settings) * (1 + len(kinds) * (len(blocks) + 1)) + len(batch_blocks)
     steps += len(official_blocks) if args.official_prompts else 0
+    steps += 1 if args.compare_model else 0
     progress = tqdm(total=steps, desc="bench speed")
     rows = []
     mismatches = 0
@@ -246,6 +276,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "speedup_generate_vs_official": round(s_off / s_gen, 2),
             }
             progress.update(1)
+    compare = None
+    if args.compare_model:
+        other = RefinerEngine.from_pretrained(args.compare_model, device=args.device, dtype=args.dtype)
+        other.refine(drafts["real"][:1], block_size=8, max_new_tokens=8)  # warm-up
+        compare, wrong = compare_refiners([engine, other], drafts["real"], [*blocks, "auto"], N)
+        mismatches += wrong
+        progress.update(1)
     progress.close()
     return {
         "machine": machine_description(engine),
@@ -257,6 +294,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rows": rows,
         "batching": batching,
         "official": official,
+        "compare": compare,
         "outputs_differing_from_generate": int(mismatches),
     }
 
@@ -283,6 +321,15 @@ def print_report(report: dict[str, Any]) -> None:
             print(f"no-cache official Jacobi (block {block}, N={o['max_new_tokens']}, real drafts, {o['prompts']} prompts): "
                   f"{b['seconds']} s; engine auto {o['engine_auto_seconds']} s = {b['speedup_auto_vs_official']}x faster "
                   f"(generate {b['speedup_generate_vs_official']}x)")
+    if report.get("compare"):
+        rows = report["compare"]
+        width = max(len(r["model"]) for r in rows) + 2
+        print(f"\nrefiners side by side on the same real drafts ({report['num_prompts']} prompts, "
+              f"N={report['max_new_tokens']}), each against its own greedy generate:")
+        print(f"{'config':<22}{'refiner':<{width}}{'passes/tok':>11}{'tok/pass':>10}{'tok/s':>9}{'vs generate':>13}")
+        for r in rows:
+            print(f"{r['config']:<22}{r['model']:<{width}}{r['passes_per_token']:>11.3f}{r['tokens_per_pass']:>10.2f}"
+                  f"{r['tokens_per_s']:>9.1f}{r['speedup_vs_generate']:>12.2f}x")
     print(f"outputs differing from greedy generate: {report['outputs_differing_from_generate']}")
 
 
@@ -318,7 +365,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="diffpo bench speed", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--model", default=SMOLLM2_NAME)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--num-prompts", type=int, default=8)
@@ -332,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--official-max-new-tokens", type=int, default=256)
     p.add_argument("--official-blocks", default="32,256",
                    help="block sizes of the no-cache baseline: the paper's fastest hybrid (32) and its main setting (256)")
+    p.add_argument("--compare-model", default=None,
+                   help=f"a second refiner to run beside --model on the same real drafts, e.g. {DIFFPO_NAME}")
     p.add_argument("--data", default=None, help="AlpacaEval-format .jsonl.gz (default: ../shared/data)")
     p.add_argument("--out", default="bench-out/speed.json")
     p.add_argument("--plot", default="bench-out/speed.png")

