@@ -212,7 +212,7 @@ def test_typed_choices_are_the_validated_ones() -> None:
 
 
 def test_target_branches_loss_written_out(tiny_llama_dir: str, tmp_path: Path) -> None:
-    """The ``aligned`` recipe's source, against its definition written out here one branch at a
+    """The ``branches`` recipe's source, against its definition written out here one branch at a
     time: L_AR on the target y^(T) + w * mean over branches (d, w_d) of the cross-entropy of
     p(. | x, y^T_<d, w_d) toward the greedy token of the stop-gradient p(. | x, y^T_<=d), where
     w_d is a lower-ranked answer's token at position d (and differs from y^T_d)."""
@@ -221,7 +221,7 @@ def test_target_branches_loss_written_out(tiny_llama_dir: str, tmp_path: Path) -
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    args = cfg(tmp_path, recipe="aligned")
+    args = cfg(tmp_path, recipe="branches")
     assert (args.trajectory_source, args.consistency_loss, args.fixed_point_weight) == ("target-branches", "ce", 0.0)
     ds = TrajectoryDataset(RECORDS, tok, N, source=args.trajectory_source)
     feats = [ds.get(i, deterministic=True) for i in range(len(ds))]

@@ -14,6 +14,9 @@ options from the default recipe: there is no second set of defaults anywhere.
   the refiner's own fixed point (``frontier``), cross-entropy toward the teacher's greedy
   token, a KL hold of the greedy path on the untrained model. A speed objective: it never
   looks at the preferred target in L_Con.
+- ``branches``: one-token branches off the preferred target, the wrong token a lower-ranked
+  answer's (``target-branches``), cross-entropy toward the model's own clean prediction. Both
+  terms point at the target, but measured it cost more L_AR than it bought speed (docs/training.md).
 - ``sft``: the SFT-only control (w = 0): L_AR on the best answers, nothing else.
 
 Pure Python: importing it pulls in neither torch nor transformers.
@@ -56,7 +59,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "num_train_epochs": 1.0, "weight_decay": 0.0, "guard": False,
     },
     "fast": _FAST,
-    "aligned": {**_FAST, "trajectory_source": "target-branches", "consistency_weight": 1.0,
+    "branches": {**_FAST, "trajectory_source": "target-branches", "consistency_weight": 0.3,
                 "consistency_warmup_ratio": 0.0, "fixed_point_weight": 0.0},
     "sft": {**_FAST, "trajectory_source": "answers", "consistency_weight": 0.0, "consistency_warmup_ratio": 0.0,
             "fixed_point_weight": 0.0},
@@ -73,10 +76,10 @@ DIFFERS_FROM_PAPER: dict[str, str] = {
     "fast": "not the paper's objective: L_Con is cross-entropy toward the teacher's greedy token on one-token "
             "branches off the refiner's own greedy answer (never another model's answer), mean over positions, "
             "w = 2, plus a KL hold (weight 5) on the untrained model's greedy path, lr 3e-5, guards on",
-    "aligned": "L_Con is not the paper's KL over other models' whole answers: it is cross-entropy toward the "
+    "branches": "L_Con is not the paper's KL over other models' whole answers: it is cross-entropy toward the "
                "model's own greedy token on the preferred target's path, after one wrong token taken from a "
-               "lower-ranked answer at that position (a one-token branch off y^(T)); mean over positions, w = 1, "
-               "lr 3e-5, guards on. Both terms point at the preferred answer, so the preference signal stays",
+               "lower-ranked answer at that position (a one-token branch off y^(T)); mean over positions, w = 0.3, "
+                "lr 3e-5, guards on",
     "sft": "the SFT-only control: L_AR alone on the best answers (w = 0), no consistency term",
 }
 

@@ -43,7 +43,7 @@ class DiffPOConfig(TrainingArguments):
     here, once, before ``TrainingArguments`` sees the values.
     """
 
-    recipe: Literal["paper", "fast", "aligned", "sft"] = field(default=DEFAULT_RECIPE, metadata={"help": (
+    recipe: Literal["paper", "fast", "branches", "sft"] = field(default=DEFAULT_RECIPE, metadata={"help": (
         "named option set: paper (eq. 4-6 with the paper's settings) | fast (frontier branches, CE, KL hold: "
         "speed, not the paper) | sft (the w = 0 control); explicit flags override it")})
     model: str = field(default="smollm2-135m-instruct", metadata={"help": "refiner to start from: hub id, folder, .gguf or smollm2-135m-instruct"})
