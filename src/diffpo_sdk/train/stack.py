@@ -64,3 +64,23 @@ def stack_adapters(first: str | Path, second: str | Path, out: str | Path, base:
 def _targets(cfg: dict) -> list[str]:
     t = cfg.get("target_modules") or []
     return [t] if isinstance(t, str) else list(t)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m diffpo_sdk.train.stack FIRST SECOND OUT [--base NAME] [--dtype float16]``."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m diffpo_sdk.train.stack", description=__doc__.split("\n")[0])
+    p.add_argument("first", help="the adapter trained first (its base is the stacked adapter's base)")
+    p.add_argument("second", help="the adapter trained on the first one merged (--model FIRST)")
+    p.add_argument("out")
+    p.add_argument("--base", default=None, help="base model name to record (default: the first adapter's)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    args = p.parse_args(argv)
+    out = stack_adapters(args.first, args.second, args.out, args.base, getattr(torch, args.dtype))
+    print(f"stacked adapter: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
