@@ -17,7 +17,7 @@ DIFFPO_NAME = "smollm2-135m-diffpo"
 
 #: The refiner used when none is named: the in-process client (``DIFFPO_MODEL``), ``diffpo serve``
 #: and the demo. One switch, so the default moves to the trained adapter in one place.
-BUILTIN_REFINER = SMOLLM2_NAME
+BUILTIN_REFINER = DIFFPO_NAME
 
 #: Where shipped adapters live: one folder per name, each a PEFT adapter on a built-in base.
 MODELS_DIR = Path(__file__).resolve().parent / "models"

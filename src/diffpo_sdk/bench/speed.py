@@ -360,6 +360,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_title(f"{report['model']}, N={report['max_new_tokens']}, {report['machine']}", fontsize=9)
     ax.legend()
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
 
 
