@@ -103,17 +103,17 @@ def load_refiner(cfg: Any) -> tuple[Any, Any]:
     return model, tok
 
 
-def build_datasets(cfg: Any, model: Any, tok: Any) -> tuple[Any, Any, Any, set[int], Any]:
-    """Train/held-out datasets, the held-out states, the stop ids, and the frozen starting model
+def build_datasets(cfg: Any, model: Any, tok: Any) -> tuple[Any, Any, Any]:
+    """Train/held-out datasets and the frozen starting model
     that builds states and measures the untrained column (None when all is done before training).
 
     Training states are built lazily, ``--jacobi-states-chunk`` prompts at a time as batches
     first need them, from a frozen copy of the model as training starts (with LoRA: the
-    adapter switched off, no copy). Held-out states too, when the first evaluation or the final
-    table needs them; a source without states (``answers``, ``target-branches``) still gets the
-    copy when the final table is on, so the untrained column is measured after training. Under
-    several processes, or with ``--jacobi-states-chunk 0``, every state is built before
-    training, by the main process first, and the other processes read them from the cache.
+    adapter switched off, no copy). Held-out states too, when the first evaluation needs them.
+    A single process with the final table on gets the copy whatever the source, so the
+    untrained column is measured after training, not before step 1. Under several processes,
+    or with ``--jacobi-states-chunk 0``, every state is built before training, by the main
+    process first, and the other processes read them from the cache.
     """
     from ..engine import templating
     from .data import load_trajectories
@@ -131,14 +131,17 @@ def build_datasets(cfg: Any, model: Any, tok: Any) -> tuple[Any, Any, Any, set[i
     n = cfg.max_response_tokens
     stop = templating.stop_token_ids(tok, model.config, getattr(model, "generation_config", None))
     probe = TrajectoryDataset(held[:1], tok, n, cfg.max_prompt_tokens, stop_ids=stop)
-    need_train = cfg.trajectory_source in ("jacobi", "mix", "frontier")
-    need_held = cfg.final_eval or need_train
-    lazy = (need_train or need_held) and cfg.world_size == 1 and cfg.jacobi_states_chunk > 0
+    need_states = cfg.trajectory_source in ("jacobi", "mix", "frontier")
+    lazy = need_states and cfg.world_size == 1 and cfg.jacobi_states_chunk > 0
+    if cfg.consistency_start > 0 and need_states and not lazy:
+        raise SystemExit("--consistency-start (the sft-fast recipe) builds its states from the model the SFT phase "
+                         "made, lazily: it needs one process and --jacobi-states-chunk > 0")
     # states built during training, and the untrained column measured after it, need the model as
     # it started: a frozen copy (LoRA: the adapter off, no copy); nothing of it delays step 1
-    generator = reference_model(model) if lazy else None
+    late_before = cfg.final_eval and cfg.world_size == 1
+    generator = reference_model(model) if (lazy or late_before) else None
     builder = generator if generator is not None else model
-    model_id = f"{cfg.model}|{model_fingerprint(model)}" if (need_train or need_held) else ""
+    model_id = f"{cfg.model}|{model_fingerprint(model)}" if need_states else ""
     cache_dir = Path(cfg.jacobi_states_dir or cfg.output_dir) / "jacobi_states"
 
     def states_for(recs: list[dict], name: str, chunk: int) -> LazyStates:
@@ -154,30 +157,18 @@ def build_datasets(cfg: Any, model: Any, tok: Any) -> tuple[Any, Any, Any, set[i
 
     train_states = held_states = None
     with cfg.main_process_first(desc="fixed points and Jacobi states"):
-        if need_train:
+        if need_states:
             train_states = states_for(train_recs, "train", cfg.jacobi_states_chunk)
             if not lazy:
                 train_states = train_states.materialize()
-        if need_held:
             held_states = states_for(held, "held-out", cfg.jacobi_states_chunk)
             if not lazy:
                 held_states = held_states.materialize()
     train_ds = TrajectoryDataset(train_recs, tok, n, cfg.max_prompt_tokens, cfg.trajectory_source, train_states,
                                  cfg.seed, stop, cfg.frontier_branches, cfg.frontier_depth)
-    eval_ds = TrajectoryDataset(held, tok, n, cfg.max_prompt_tokens, "answers" if held_states is None else
-                                cfg.trajectory_source, held_states, cfg.seed, stop, cfg.frontier_branches,
-                                cfg.frontier_depth)
-    return train_ds, eval_ds, held_states, stop, generator
-
-
-def state_items_of(eval_ds: Any, held_states: Any, stop: set[int], tok: Any) -> list[dict]:
-    """Engine items whose drafts are the held-out Jacobi states (cut at their stop token)."""
-    items = []
-    for k, rec in enumerate(eval_ds.records if held_states is not None else []):
-        ids = held_states[k]["states"][0]
-        cut = next((i for i, t in enumerate(ids) if t in stop), len(ids))
-        items.append({"messages": rec["messages"], "draft": tok.decode(ids[:cut])})
-    return items
+    eval_ds = TrajectoryDataset(held, tok, n, cfg.max_prompt_tokens, cfg.trajectory_source, held_states, cfg.seed,
+                                stop, cfg.frontier_branches, cfg.frontier_depth)
+    return train_ds, eval_ds, generator
 
 
 def model_card(cfg: Any, table: str, guard: str | None) -> str:
@@ -232,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("process %d of %d (%s, backend %s), recipe %s", cfg.process_index, cfg.world_size,
              cfg.parallel_mode.value, cfg.distributed_state.backend if cfg.distributed_state else None, cfg.recipe)
     model, tok = load_refiner(cfg)
-    train_ds, eval_ds, held_states, stop, generator = build_datasets(cfg, model, tok)
+    train_ds, eval_ds, generator = build_datasets(cfg, model, tok)
     log.info("%d training prompts, %d held out, source=%s", len(train_ds), len(eval_ds), cfg.trajectory_source)
 
     block: int | str = (cfg.max_response_tokens if cfg.eval_block_size == "full"
@@ -251,10 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         transfer = load_trajectories(cfg.transfer_eval_data)[: cfg.max_eval_prompts]
         evaluate_kw["transfer_items"] = draft_items(transfer)
 
-    def measure_before(untrained: Any) -> None:
+    def measure_before(untrained: Any, losses: dict[str, float] | None = None) -> None:
         t0 = time.time()
-        evaluate_kw.setdefault("state_items", state_items_of(eval_ds, held_states, stop, tok))
-        columns["before"] = evaluate_refiner(untrained, tok, eval_ds, **evaluate_kw)
+        columns["before"] = evaluate_refiner(untrained, tok, eval_ds, losses=losses, **evaluate_kw)
         eval_path.parent.mkdir(parents=True, exist_ok=True)
         eval_path.write_text(json.dumps(columns["before"]))
         log.info("evaluated the untrained model in %.0f s", time.time() - t0)
@@ -275,14 +265,14 @@ def main(argv: list[str] | None = None) -> int:
     train_s = time.time() - t0
     if before_pending:  # the frozen starting model (or the adapter switched off): measured after, not before, step 1
         with as_model(generator) as untrained:
-            measure_before(untrained)
+            measure_before(untrained, trainer.measured_losses.get("untrained"))
 
     save_model(trainer, cfg, tok)
     table = ""
     if cfg.final_eval and trainer.is_world_process_zero():
-        final = trainer.model
-        evaluate_kw.setdefault("state_items", state_items_of(eval_ds, held_states, stop, tok))
-        columns["after"] = evaluate_refiner(final, tok, eval_ds, **evaluate_kw)
+        step, losses = trainer.measured_losses.get("trained", (None, None))
+        columns["after"] = evaluate_refiner(trainer.model, tok, eval_ds, **evaluate_kw,
+                                            losses=losses if step == trainer.state.global_step else None)
         table = write_table(cfg.output_dir, columns, {"train_seconds": train_s, "steps": trainer.state.global_step,
                                                        "block_size": block, "guard": trainer.guard_tripped})
         print("\n" + table + "\n")

@@ -8,7 +8,8 @@
   token) whose greedy token is already the teacher's: the skill Jacobi speed rests on,
   measured on every branch of every held-out prompt rather than a few refined answers.
 - ``passes_per_token``: forward passes per refined token when the engine refines held-out
-  drafts (other models' answers) and held-out partial Jacobi states; 1.0 = autoregressive.
+  drafts (other models' answers), and drafts from a source the run never trained on;
+  1.0 = autoregressive.
 - ``preference_accuracy``: how often the target gets a higher length-normalised
   log-likelihood than a lower-ranked answer. Only meaningful beside an SFT-only control.
 """
@@ -71,7 +72,7 @@ def heldout_losses(model: Any, dataset: Any, collator: Any, batch_size: int = 8,
 @torch.no_grad()
 def preference_accuracy(model: Any, dataset: Any, pad: int, batch_size: int = 8) -> float:
     """Pairwise: target vs each lower-ranked answer, by mean log-likelihood per answer token."""
-    from .states import _left_pad
+    from .states import left_pad
 
     device = next(model.parameters()).device
     was = model.training
@@ -80,16 +81,20 @@ def preference_accuracy(model: Any, dataset: Any, pad: int, batch_size: int = 8)
     for k, item in enumerate(dataset.items):
         pairs.append((item["prompt"], item["target"], True, k))
         pairs += [(item["prompt"], o, False, k) for o in item["others"]]
-    scores: list[float] = []
+    scores = [0.0] * len(pairs)
     n = dataset.n
-    for i in range(0, len(pairs), batch_size):
-        part = pairs[i:i + batch_size]
+    # batched by prompt length (answers are all N long), so a batch pads little
+    order = sorted(range(len(pairs)), key=lambda j: len(pairs[j][0]))
+    for i in range(0, len(order), batch_size):
+        rows = order[i:i + batch_size]
+        part = [pairs[j] for j in rows]
         answers = [dataset.padded(a) for _, a, _, _ in part]
-        ids, mask = _left_pad([p + a for (p, _, _, _), a in zip(part, answers)], pad)
+        ids, mask = left_pad([p + a for (p, _, _, _), a in zip(part, answers)], pad)
         ids, mask = ids.to(device), mask.to(device)
         nll = token_nll(answer_logits(model, ids, mask, n), torch.tensor(answers, device=device))
         amask = torch.tensor([dataset.answer_mask(a) for _, a, _, _ in part], device=device, dtype=torch.float)
-        scores += (-(nll * amask).sum(-1) / amask.sum(-1)).tolist()
+        for j, score in zip(rows, (-(nll * amask).sum(-1) / amask.sum(-1)).tolist()):
+            scores[j] = score
     model.train(was)
     best: dict[int, float] = {}
     others: dict[int, list[float]] = {}
@@ -116,24 +121,23 @@ def refine_metrics(model: Any, tokenizer: Any, items: list[dict], n: int, block_
             "converged": sum(r.converged for r in results) / max(len(results), 1)}
 
 
-def evaluate_refiner(model: Any, tokenizer: Any, dataset: Any, *, draft_items: list[dict],
-                     state_items: list[dict] | None, block_size: int | str, batch_size: int = 8,
-                     transfer_items: list[dict] | None = None, **loss_kw: Any) -> dict[str, float]:
+def evaluate_refiner(model: Any, tokenizer: Any, dataset: Any, *, draft_items: list[dict], block_size: int | str,
+                     batch_size: int = 8, transfer_items: list[dict] | None = None,
+                     losses: dict[str, float] | None = None, **loss_kw: Any) -> dict[str, float]:
     """The before/after table for one model; ``transfer_items`` are drafts from a source the
-    run never trained on (the speed that matters is the one that transfers)."""
+    run never trained on (the speed that matters is the one that transfers). ``losses``: this
+    model's :func:`heldout_losses` on ``dataset`` when the run already measured them (the
+    guard's baseline, the last evaluation), so they are not computed twice."""
     from .trainer import DiffPOCollator
 
-    collator = DiffPOCollator(dataset.pad)
-    losses = heldout_losses(model, dataset, collator, batch_size, **loss_kw)
+    if losses is None:
+        losses = heldout_losses(model, dataset, DiffPOCollator(dataset.pad), batch_size, **loss_kw)
     out = {"heldout_ar_loss": losses["ar_loss"]}
     if "guess_accuracy" in losses:
         out["guess_accuracy"] = losses["guess_accuracy"]
     drafts = refine_metrics(model, tokenizer, draft_items, dataset.n, block_size)
     out["repetition"] = drafts["repetition"]
     out["passes_per_token_drafts"] = drafts["passes_per_token"]
-    if state_items:
-        out["passes_per_token_states"] = refine_metrics(model, tokenizer, state_items, dataset.n,
-                                                        block_size)["passes_per_token"]
     if transfer_items:
         out["passes_per_token_transfer"] = refine_metrics(model, tokenizer, transfer_items, dataset.n,
                                                           block_size)["passes_per_token"]
@@ -146,7 +150,6 @@ LABELS = {
     "repetition": "repeated 3-grams in refined outputs",
     "guess_accuracy": "Jacobi guesses right after a wrong token",
     "passes_per_token_drafts": "passes/token, held-out drafts",
-    "passes_per_token_states": "passes/token, held-out Jacobi states",
     "passes_per_token_transfer": "passes/token, drafts from another source",
     "preference_accuracy": "preference accuracy",
 }

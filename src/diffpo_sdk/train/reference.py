@@ -41,9 +41,15 @@ class AdapterOff:
 
 
 def reference_model(model: Any) -> Any:
-    """The model as it is now, frozen, for the KL anchor on y*'s path (see ``diffpo_loss``)."""
+    """The model as it is now, frozen, for the KL anchor on y*'s path (see ``diffpo_loss``):
+    a LoRA model before training is its base, so its adapter switched off costs no copy."""
     if hasattr(model, "disable_adapter"):
         return AdapterOff(model)
+    return frozen_copy(model)
+
+
+def frozen_copy(model: Any) -> Any:
+    """A frozen copy of the model as it is now, adapter included."""
     ref = copy.deepcopy(model).eval()
     ref.requires_grad_(False)
     return ref

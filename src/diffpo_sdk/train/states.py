@@ -29,7 +29,7 @@ from .loss import pad_answer, position_ids
 log = logging.getLogger(__name__)
 
 
-def _left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -46,7 +46,7 @@ def greedy_answers(model: Any, prompts: list[list[int]], n: int, stop_ids: set[i
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(prompts), batch_size):
-        ids, mask = _left_pad(prompts[i:i + batch_size], pad)
+        ids, mask = left_pad(prompts[i:i + batch_size], pad)
         rows = generate_cut(model, ids.to(device), mask.to(device), max_new_tokens=n, stop_ids=stop_ids,
                             pad_id=pad, keep_stop=True)
         out += [ans for ans, _ in rows]
@@ -58,7 +58,7 @@ def one_pass(model: Any, prompts: list[list[int]], answers: list[list[int]], pad
     """One Jacobi pass: argmax p(. | x, y_<i) at every answer position i, all at once."""
     device = next(model.parameters()).device
     n = len(answers[0])
-    ids, mask = _left_pad([p + a for p, a in zip(prompts, answers)], pad)
+    ids, mask = left_pad([p + a for p, a in zip(prompts, answers)], pad)
     ids, mask = ids.to(device), mask.to(device)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=n + 1,
                    use_cache=False).logits[:, :-1]
@@ -149,6 +149,11 @@ class LazyStates:
         if c not in self.chunks:
             self.chunks[c] = self._load_or_build(c)
         return self.chunks[c][k - c * self.chunk]
+
+    def rebase(self, model: Any, model_id: str) -> None:
+        """Build what is asked from now on with ``model`` (frozen), keyed by ``model_id``;
+        states built by the previous model are dropped."""
+        self.model, self.model_id, self.chunks = model, model_id, {}
 
     def materialize(self) -> list[dict[str, Any]]:
         """Every prompt's states, in order (builds what is missing)."""

@@ -17,15 +17,15 @@ from typing import Any, Literal
 
 import torch
 from torch.utils.data import Dataset
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
 from ..engine import templating
 from .evaluate import heldout_losses, refine_metrics, repetition_rate
 from .loss import answer_mask, diffpo_loss, frontier_rows, pad_answer
 from .recipes import CHOICES, DEFAULT_RECIPE, check_choice, recipe_values
-from .reference import as_model, prepare_reference, reference_model
-from .states import greedy_answers
+from .reference import as_model, frozen_copy, prepare_reference, reference_model
+from .states import greedy_answers, model_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -43,20 +43,22 @@ class DiffPOConfig(TrainingArguments):
     here, once, before ``TrainingArguments`` sees the values.
     """
 
-    recipe: Literal["paper", "fast", "branches", "sft"] = field(default=DEFAULT_RECIPE, metadata={"help": (
+    recipe: Literal["paper", "fast", "sft-fast", "branches", "sft"] = field(default=DEFAULT_RECIPE, metadata={"help": (
         "named option set: paper (eq. 4-6 with the paper's settings) | fast (frontier branches, CE, KL hold: "
-        "speed, not the paper) | sft (the w = 0 control); explicit flags override it")})
+        "speed, not the paper) | sft-fast (sft, then fast held on the SFT'd model) | branches (one-token branches "
+        "off the preferred target) | sft (the w = 0 control); explicit flags override it")})
     model: str = field(default="smollm2-135m-instruct", metadata={"help": "refiner to start from: hub id, folder, .gguf or smollm2-135m-instruct"})
     data: str | None = field(default=None, metadata={"help": "trajectories JSONL from `diffpo data build`"})
     eval_data: str | None = field(default=None, metadata={"help": "held-out trajectories; default: a split of --data by prompt"})
     transfer_eval_data: str | None = field(default=None, metadata={"help": "trajectories from a source the run never trains on (e.g. `diffpo data build --from-pairs` of HH-RLHF): the final table adds passes/token on their drafts (the first --max-eval-prompts)"})
     eval_fraction: float = field(default=0.1, metadata={"help": "share of prompts held out when --eval-data is not given"})
     max_train_prompts: int | None = field(default=None, metadata={"help": "use only the first N training prompts"})
-    max_eval_prompts: int = field(default=64, metadata={"help": "cap on held-out prompts (evaluation cost)"})
+    max_eval_prompts: int = field(default=32, metadata={"help": "cap on held-out prompts (evaluation cost)"})
     max_response_tokens: int = field(default=256, metadata={"help": "N: answers are cut or padded to N tokens like engine drafts (the paper: 256)"})
     max_prompt_tokens: int = field(default=512, metadata={"help": "prompts longer than this keep their last tokens"})
     consistency_weight: float | None = field(default=None, metadata=_recipe_help("w in L = L_AR + w * L_Con (0 = SFT-only control)"))
     consistency_warmup_ratio: float | None = field(default=None, metadata=_recipe_help("w ramps linearly from 0 over this share of the steps"))
+    consistency_start: float | None = field(default=None, metadata=_recipe_help("share of the steps trained on L_AR alone before the consistency phase; when it starts, the model as it is then becomes the hold's reference, the frontier states' builder and the guards' baseline (evaluations before it are skipped)"))
     consistency_mask: Literal["none", "prefix", "argmax"] | None = field(default=None, metadata=_recipe_help("which positions L_Con counts"))
     consistency_normalize: Literal["token", "sum"] | None = field(default=None, metadata=_recipe_help("sum (paper: L_AR and L_Con each summed over the N positions) | token (each a mean over its counted positions)"))
     consistency_loss: Literal["kl", "ce"] | None = field(default=None, metadata=_recipe_help("kl (paper: forward KL from the stop-gradient teacher) | ce (cross-entropy toward the teacher's greedy token)"))
@@ -110,6 +112,8 @@ class DiffPOConfig(TrainingArguments):
                 self.recipe_overrides[key] = mine
         for option in CHOICES:
             check_choice(option, getattr(self, option))
+        if not 0.0 <= self.consistency_start < 1.0:
+            raise ValueError(f"--consistency-start {self.consistency_start}: use a share of the steps in [0, 1)")
         super().__post_init__()
 
 
@@ -276,6 +280,19 @@ def loss_kwargs(cfg: DiffPOConfig) -> dict[str, Any]:
             "kind": cfg.consistency_loss, "fixed_point_weight": cfg.fixed_point_weight}
 
 
+class ConsistencyPhase(TrainerCallback):
+    """Ends the SFT phase once ``--consistency-start`` of the steps are done (see
+    :meth:`DiffPOTrainer.start_consistency_phase`); a run resumed past it switches after its first step."""
+
+    def __init__(self, trainer: DiffPOTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        t = self.trainer
+        if t.sft_phase and state.global_step >= t.consistency_start_step():
+            t.start_consistency_phase()
+
+
 class DiffPOTrainer(Trainer):
     """``Trainer`` with the DiffPO loss, per-loss logging and the collapse guards."""
 
@@ -296,15 +313,29 @@ class DiffPOTrainer(Trainer):
         self.guard_baseline: dict[str, float] | None = None
         self.guard_tripped: str | None = None
         self._healthy: dict[str, torch.Tensor] | None = None
+        #: an SFT phase first (``--consistency-start``): L_AR alone on the targets, no evaluations
+        self.sft_phase = args.consistency_start > 0
+        #: held-out losses already measured on ``eval_dataset``, so the final table does not
+        #: compute them again: "untrained" (the guard's baseline) and "trained" (step, losses) of
+        #: the last evaluation, dropped when the guard restores older weights
+        self.measured_losses: dict[str, Any] = {}
         anchored = (args.fixed_point_anchor == "kl" and args.fixed_point_weight > 0
                     and args.trajectory_source == "frontier")
         #: the project's model card (set by ``python -m diffpo_sdk.train``); pushed instead of Trainer's
         self.model_card: str | None = None
         self.untrained = ref_model
+        #: what the guards measure their baseline on: the model as training (or its consistency phase) started
+        self.guard_reference = ref_model
+        self.anchored = anchored
         self.ref_model = None
-        if anchored:
+        if anchored and not self.sft_phase:
             ref = ref_model if ref_model is not None else reference_model(self.model)
             self.ref_model = prepare_reference(ref, self.accelerator)
+        if self.sft_phase:  # the SFT phase trains on the targets alone: no branches, no states yet
+            for ds in (self.train_dataset, self.eval_dataset):
+                if ds is not None:
+                    ds.source = "answers"
+            self.add_callback(ConsistencyPhase(self))
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """Write the project's model card (recipe, differences from the paper, evaluation) where
@@ -320,11 +351,38 @@ class DiffPOTrainer(Trainer):
 
     # -- loss ------------------------------------------------------------------------------
 
+    def consistency_start_step(self) -> int:
+        return int(self.args.consistency_start * self.state.max_steps)
+
     def consistency_weight_at(self, step: int) -> float:
-        """w, ramped linearly from 0 over the first ``consistency_warmup_ratio`` of the steps."""
-        w = self.args.consistency_weight
-        ramp = self.args.consistency_warmup_ratio * max(self.state.max_steps, 1)
-        return w if ramp <= 0 else w * min(1.0, step / ramp)
+        """w: 0 during an SFT phase, then ramped linearly from 0 over the first
+        ``consistency_warmup_ratio`` of the consistency phase's steps."""
+        w, start = self.args.consistency_weight, self.consistency_start_step()
+        if step < start:
+            return 0.0
+        ramp = self.args.consistency_warmup_ratio * max(self.state.max_steps - start, 1)
+        return w if ramp <= 0 else w * min(1.0, (step - start) / ramp)
+
+    def start_consistency_phase(self) -> None:
+        """The SFT phase is over. The model as it is now, frozen (a real copy, LoRA included: the
+        adapter is what moved), becomes the KL hold's reference, the builder of the frontier
+        states (built lazily from here on) and the guards' baseline: the speed is then bought
+        around the SFT'd policy, as DPO's reference is the SFT'd policy, not the untrained one."""
+        self.sft_phase = False
+        frozen = frozen_copy(self.model)
+        if self.anchored:
+            self.ref_model = prepare_reference(frozen, self.accelerator)
+        for ds in (self.train_dataset, self.eval_dataset):
+            if ds is None:
+                continue
+            ds.source = self.args.trajectory_source
+            if hasattr(ds.states, "rebase"):
+                ds.states.rebase(frozen, f"{self.args.model}|sft step {self.state.global_step}|"
+                                         f"{model_fingerprint(frozen)}")
+        self.guard_reference, self.guard_baseline = frozen, None
+        self._healthy = self._snapshot()
+        log.info("step %d: the SFT phase is over; consistency phase from the model as it is now",
+                 self.state.global_step)
 
     def loss_kwargs(self) -> dict[str, Any]:
         return loss_kwargs(self.args)
@@ -332,6 +390,9 @@ class DiffPOTrainer(Trainer):
     def compute_loss(self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         weight = self.consistency_weight_at(self.state.global_step) if model.training else self.args.consistency_weight
+        if self.args.consistency_start > 0 and "frontier_ids" not in inputs and \
+                self.args.trajectory_source in ("frontier", "target-branches"):
+            weight = 0.0  # a batch the data loader fetched before the SFT phase ended
         out = diffpo_loss(model, inputs, weight, reference=self.ref_model, count_guesses=not model.training,
                           **self.loss_kwargs())
         if model.training:
@@ -355,8 +416,10 @@ class DiffPOTrainer(Trainer):
         ``model`` (default: the trained one) on ``dataset`` (default: ``eval_dataset``)."""
         ds = self.eval_dataset if dataset is None else dataset
         model = self.model if model is None else model
+        # weight 1: L_Con and the guesses are measured even for the w = 0 control (the weight
+        # scales only the training loss, which is not reported here)
         metrics = heldout_losses(model, ds, self.data_collator, self.args.per_device_eval_batch_size,
-                                 weight=self.args.consistency_weight, **self.loss_kwargs())
+                                 **self.loss_kwargs())
         k = min(self.args.guard_prompts, len(ds))
         items = ds.draft_items(k) if self.processing_class is not None else []
         if items:
@@ -376,9 +439,11 @@ class DiffPOTrainer(Trainer):
         """The held-out measures on ``eval_dataset`` (default: the trainer's); the collapse guard
         judges only the trainer's own held-out set, against which its baseline was taken."""
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
-        if dataset is None:
+        if dataset is None or (self.sft_phase and eval_dataset is None):
             return {}
         raw = self.heldout_metrics(dataset)
+        if eval_dataset is None:
+            self.measured_losses["trained"] = (self.state.global_step, held_losses(raw))
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in raw.items()}
         self.log(metrics)
         if self.args.guard and eval_dataset is None:
@@ -413,10 +478,13 @@ class DiffPOTrainer(Trainer):
         return repetition_rate([ds.items[i]["target"][:ds.n] for i in range(k)])
 
     def _check_guard(self, m: dict[str, float]) -> None:
-        if self.guard_baseline is None and self.untrained is not None:
-            with as_model(self.untrained) as untrained:
-                self.guard_baseline = self.heldout_metrics(model=untrained)
-            log.info("guard baseline (the model as training started): %s", self.guard_baseline)
+        if self.guard_baseline is None and self.guard_reference is not None:
+            with as_model(self.guard_reference) as reference:
+                self.guard_baseline = self.heldout_metrics(model=reference)
+            log.info("guard baseline (the model as training, or its consistency phase, started): %s",
+                     self.guard_baseline)
+            if self.guard_reference is self.untrained:
+                self.measured_losses["untrained"] = held_losses(self.guard_baseline)
         base = self.guard_baseline
         if base is None:
             return
@@ -440,15 +508,22 @@ class DiffPOTrainer(Trainer):
             self.control.should_training_stop = True
             if self._healthy is not None:
                 self._restore(self._healthy)
+                self.measured_losses.pop("trained", None)
                 log.warning("restored the weights of the last evaluation that passed the guards")
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         if self.args.guard and self.eval_dataset is not None and self.guard_baseline is None:
             self._healthy = self._snapshot()
-            if self.untrained is None:  # no frozen starting model to measure later: measure now
+            if self.untrained is None and not self.sft_phase:  # no frozen starting model to measure later
                 self.guard_baseline = self.heldout_metrics()
+                self.measured_losses["untrained"] = held_losses(self.guard_baseline)
                 log.info("guard baseline: %s", self.guard_baseline)
         return super().train(*args, **kwargs)
+
+
+def held_losses(metrics: dict[str, float]) -> dict[str, float]:
+    """The :func:`~diffpo_sdk.train.evaluate.heldout_losses` part of held-out metrics."""
+    return {k: metrics[k] for k in ("ar_loss", "con_loss", "guess_accuracy") if k in metrics}
 
 
 def split_by_prompt(records: list[dict], fraction: float, max_eval: int | None = None) -> tuple[list[dict], list[dict]]:

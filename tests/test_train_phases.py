@@ -1,0 +1,76 @@
+"""The sft-fast recipe in one run: an SFT phase, then the consistency phase held on the SFT'd model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from diffpo_sdk.train.trainer import DiffPOConfig, DiffPOTrainer, TrajectoryDataset  # noqa: E402
+
+RECORDS = [
+    {"messages": [{"role": "user", "content": f"Question number {i}: name a colour."}],
+     "target": f"The colour {c} is nice.", "others": [f"{c}? {c}!", "I do not know"]}
+    for i, c in enumerate(["blue", "red", "green", "yellow", "white", "black"])
+]
+
+
+def test_sft_phase_then_consistency_phase_held_on_the_sft_model(tiny_llama_dir: str, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    from diffpo_sdk.train.states import LazyStates
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    plain = TrajectoryDataset(RECORDS, tok, 12)
+
+    def lazy(recs_items: TrajectoryDataset) -> LazyStates:
+        return LazyStates(model, tok, [it["prompt"] for it in recs_items.items],
+                          [it["others"][0] for it in recs_items.items], 12, plain.eot, plain.stop_ids,
+                          chunk=3, progress=False)
+
+    train = TrajectoryDataset(RECORDS, tok, 12, source="frontier", states=lazy(plain))
+    held = TrajectoryDataset(RECORDS[:2], tok, 12, source="frontier",
+                             states=lazy(TrajectoryDataset(RECORDS[:2], tok, 12)))
+    args = DiffPOConfig(output_dir=str(tmp_path / "out"), recipe="sft-fast", max_response_tokens=12, max_steps=8,
+                        learning_rate=3e-3, per_device_train_batch_size=2, per_device_eval_batch_size=4,
+                        eval_strategy="steps", eval_steps=2, save_strategy="no", logging_steps=1, disable_tqdm=True,
+                        use_cpu=True, seed=0, guard_prompts=2, guard_action="warn", dataloader_pin_memory=False)
+    assert (args.consistency_start, args.trajectory_source, args.fixed_point_weight) == (0.75, "frontier", 10.0)
+    seen: dict[str, object] = {}
+
+    class Watch(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):  # noqa: ANN001, ANN201
+            seen.setdefault("sources", {})[state.global_step] = train.source
+            if state.global_step == 6:  # the SFT phase is over: the weights the consistency phase must hold
+                seen["sft"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+        def on_evaluate(self, a, state, control, metrics=None, **kw):  # noqa: ANN001, ANN201
+            seen.setdefault("evals", []).append(state.global_step)
+
+    trainer = DiffPOTrainer(model=model, args=args, train_dataset=train, eval_dataset=held, processing_class=tok,
+                            callbacks=[Watch()])
+    assert trainer.ref_model is None and train.source == "answers"
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "consistency_weight" in h]
+    weights = {h["step"]: h["consistency_weight"] for h in logged}
+    assert all(weights[s] == 0.0 for s in range(1, 7)) and weights[8] > 0  # SFT phase: w = 0
+    assert all(h.get("con_loss", 0.0) == 0.0 and "fixed_point_loss" not in h for h in logged if h["step"] <= 6)
+    assert any("fixed_point_loss" in h for h in logged if h["step"] > 6)
+    # evaluations during the SFT phase (steps 2, 4) are skipped; the consistency phase is judged against the
+    # SFT'd model, first at the step that ended the SFT phase
+    assert seen["evals"] == [6, 8] and held.source == "frontier"
+    assert seen["sources"][5] == "answers" and seen["sources"][6] == seen["sources"][7] == "frontier"
+    ref = dict(trainer.ref_model.named_parameters())
+    assert all(torch.equal(ref[n], w) for n, w in seen["sft"].items())
+    assert not all(torch.equal(p, seen["sft"][n]) for n, p in model.named_parameters())
+    assert train.states.model is trainer.guard_reference and "sft step 6" in train.states.model_id
+    assert trainer.guard_baseline is not None and "untrained" not in trainer.measured_losses
+
+
+def test_consistency_start_is_a_share_of_the_steps(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--consistency-start"):
+        DiffPOConfig(output_dir=str(tmp_path), consistency_start=1.0, use_cpu=True)
