@@ -118,6 +118,14 @@ def recording_tracer():
     return provider, exporter
 
 
+@pytest.fixture
+def spans(recording_tracer):
+    """The recording exporter, emptied for this test."""
+    _, exporter = recording_tracer
+    exporter.clear()
+    return exporter
+
+
 @pytest.fixture(scope="session")
 def recording_meter():
     """The process's SDK meter provider with an in-memory reader, installed here (a global meter

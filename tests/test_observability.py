@@ -21,13 +21,6 @@ from diffpo_sdk.testing import EchoEngine, free_port, serve_engine
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-def spans(recording_tracer):
-    _, exporter = recording_tracer
-    exporter.clear()
-    return exporter
-
-
 @pytest.fixture(scope="module")
 def echo(recording_tracer):
     server = serve_engine(EchoEngine(lambda it: f"refined {it.draft}"), max_wait_ms=0.0,

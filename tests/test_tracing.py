@@ -12,8 +12,6 @@ from langchain_core.messages import AIMessage
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda
 from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
@@ -26,28 +24,7 @@ SECRET_DRAFT = "my-secret-draft"
 
 
 @pytest.fixture(scope="module")
-def otel():
-    """The process's SDK tracer provider (set here if none is) with an in-memory exporter on it."""
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-    provider = trace.get_tracer_provider()
-    assert isinstance(provider, TracerProvider), "another test set a non-SDK global tracer provider"
-    exporter = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return provider, exporter
-
-
-@pytest.fixture
-def spans(otel):
-    _, exporter = otel
-    exporter.clear()
-    return exporter
-
-
-@pytest.fixture(scope="module")
-def echo(otel):
+def echo(recording_tracer):
     server = serve_engine(EchoEngine(lambda it: f"refined {it.draft}"), max_wait_ms=0.0)
     yield server.url
     server.stop()
@@ -187,10 +164,10 @@ def test_fail_open_is_marked_on_the_span(spans):
     assert "diffpo.retry" in events and "diffpo.fail_open" in events
 
 
-def test_litellm_span_nests_beside_the_refinement(otel, echo, spans):
+def test_litellm_span_nests_beside_the_refinement(recording_tracer, echo, spans):
     from litellm.integrations.opentelemetry import OpenTelemetry, OpenTelemetryConfig
 
-    provider, exporter = otel
+    provider, exporter = recording_tracer
     logger = OpenTelemetry(config=OpenTelemetryConfig(exporter=exporter), tracer_provider=provider)
     saved = litellm.callbacks
     litellm.callbacks = [logger]
