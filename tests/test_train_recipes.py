@@ -102,6 +102,11 @@ def test_recipes_resolve(tmp_path: Path) -> None:
     assert (fast.trajectory_source, fast.consistency_loss, fast.consistency_weight) == ("frontier", "ce", 2.0)
     assert (fast.fixed_point_weight, fast.fixed_point_anchor, fast.learning_rate, fast.guard) == (5.0, "kl", 3e-5, True)
 
+    phased = cfg(tmp_path, recipe="sft-fast")
+    assert (phased.consistency_start, phased.trajectory_source, phased.consistency_loss) == (0.75, "frontier", "ce")
+    assert (phased.fixed_point_weight, phased.fixed_point_anchor, phased.guard) == (10.0, "kl", True)
+    assert fast.consistency_start == 0.0
+
     sft = cfg(tmp_path, recipe="sft")
     assert (sft.consistency_weight, sft.trajectory_source, sft.fixed_point_weight) == (0.0, "answers", 0.0)
 
