@@ -68,7 +68,7 @@ def test_sft_phase_then_consistency_phase_held_on_the_sft_model(tiny_llama_dir: 
     assert all(torch.equal(ref[n], w) for n, w in seen["sft"].items())
     assert not all(torch.equal(p, seen["sft"][n]) for n, p in model.named_parameters())
     assert train.states.model is trainer.guard_reference and "sft step 6" in train.states.model_id
-    assert trainer.guard_baseline is not None and "untrained" not in trainer.measured_losses
+    assert trainer.guard_baseline is not None and trainer.untrained_metrics is None
 
 
 def test_consistency_start_is_a_share_of_the_steps(tmp_path: Path) -> None:

@@ -265,14 +265,14 @@ def main(argv: list[str] | None = None) -> int:
     train_s = time.time() - t0
     if before_pending:  # the frozen starting model (or the adapter switched off): measured after, not before, step 1
         with as_model(generator) as untrained:
-            measure_before(untrained, trainer.measured_losses.get("untrained"))
+            measure_before(untrained, trainer.untrained_metrics)
 
     save_model(trainer, cfg, tok)
     table = ""
     if cfg.final_eval and trainer.is_world_process_zero():
-        step, losses = trainer.measured_losses.get("trained", (None, None))
+        step, measured = trainer.last_eval or (None, None)
         columns["after"] = evaluate_refiner(trainer.model, tok, eval_ds, **evaluate_kw,
-                                            losses=losses if step == trainer.state.global_step else None)
+                                            losses=measured if step == trainer.state.global_step else None)
         table = write_table(cfg.output_dir, columns, {"train_seconds": train_s, "steps": trainer.state.global_step,
                                                        "block_size": block, "guard": trainer.guard_tripped})
         print("\n" + table + "\n")

@@ -126,8 +126,8 @@ def evaluate_refiner(model: Any, tokenizer: Any, dataset: Any, *, draft_items: l
                      losses: dict[str, float] | None = None, **loss_kw: Any) -> dict[str, float]:
     """The before/after table for one model; ``transfer_items`` are drafts from a source the
     run never trained on (the speed that matters is the one that transfers). ``losses``: this
-    model's :func:`heldout_losses` on ``dataset`` when the run already measured them (the
-    guard's baseline, the last evaluation), so they are not computed twice."""
+    model's :func:`heldout_losses` on ``dataset`` (or a dict holding them) when the run already
+    measured them (the guard's baseline, the last evaluation), so they are not computed twice."""
     from .trainer import DiffPOCollator
 
     if losses is None:

@@ -20,7 +20,8 @@ options from the default recipe: there is no second set of defaults anywhere.
 - ``sft-fast``: ``sft`` for the first 75 % of the steps, then ``fast`` from the model that
   phase made: the hold's reference, the frontier states' builder and the guards' baseline
   become the SFT'd model (as DPO's reference is the SFT'd policy), so the speed is bought
-  without undoing the preference signal. The built-in refiner is made this way.
+  without undoing the preference signal. The built-in refiner was made by the same two
+  stages run as two commands (scripts/build-builtin-refiner.sh).
 - ``sft``: the SFT-only control (w = 0): L_AR on the best answers, nothing else.
 
 Pure Python: importing it pulls in neither torch nor transformers.

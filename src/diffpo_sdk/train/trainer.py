@@ -315,10 +315,11 @@ class DiffPOTrainer(Trainer):
         self._healthy: dict[str, torch.Tensor] | None = None
         #: an SFT phase first (``--consistency-start``): L_AR alone on the targets, no evaluations
         self.sft_phase = args.consistency_start > 0
-        #: held-out losses already measured on ``eval_dataset``, so the final table does not
-        #: compute them again: "untrained" (the guard's baseline) and "trained" (step, losses) of
-        #: the last evaluation, dropped when the guard restores older weights
-        self.measured_losses: dict[str, Any] = {}
+        #: held-out metrics already measured on ``eval_dataset``, so the final table does not
+        #: compute them again: the untrained model's (the guard's baseline), and the trained
+        #: model's at the last evaluation (step, metrics), dropped when the guard restores older weights
+        self.untrained_metrics: dict[str, float] | None = None
+        self.last_eval: tuple[int, dict[str, float]] | None = None
         anchored = (args.fixed_point_anchor == "kl" and args.fixed_point_weight > 0
                     and args.trajectory_source == "frontier")
         #: the project's model card (set by ``python -m diffpo_sdk.train``); pushed instead of Trainer's
@@ -443,7 +444,7 @@ class DiffPOTrainer(Trainer):
             return {}
         raw = self.heldout_metrics(dataset)
         if eval_dataset is None:
-            self.measured_losses["trained"] = (self.state.global_step, held_losses(raw))
+            self.last_eval = (self.state.global_step, raw)
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in raw.items()}
         self.log(metrics)
         if self.args.guard and eval_dataset is None:
@@ -484,7 +485,7 @@ class DiffPOTrainer(Trainer):
             log.info("guard baseline (the model as training, or its consistency phase, started): %s",
                      self.guard_baseline)
             if self.guard_reference is self.untrained:
-                self.measured_losses["untrained"] = held_losses(self.guard_baseline)
+                self.untrained_metrics = self.guard_baseline
         base = self.guard_baseline
         if base is None:
             return
@@ -508,7 +509,7 @@ class DiffPOTrainer(Trainer):
             self.control.should_training_stop = True
             if self._healthy is not None:
                 self._restore(self._healthy)
-                self.measured_losses.pop("trained", None)
+                self.last_eval = None
                 log.warning("restored the weights of the last evaluation that passed the guards")
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
@@ -516,14 +517,9 @@ class DiffPOTrainer(Trainer):
             self._healthy = self._snapshot()
             if self.untrained is None and not self.sft_phase:  # no frozen starting model to measure later
                 self.guard_baseline = self.heldout_metrics()
-                self.measured_losses["untrained"] = held_losses(self.guard_baseline)
+                self.untrained_metrics = self.guard_baseline
                 log.info("guard baseline: %s", self.guard_baseline)
         return super().train(*args, **kwargs)
-
-
-def held_losses(metrics: dict[str, float]) -> dict[str, float]:
-    """The :func:`~diffpo_sdk.train.evaluate.heldout_losses` part of held-out metrics."""
-    return {k: metrics[k] for k in ("ar_loss", "con_loss", "guess_accuracy") if k in metrics}
 
 
 def split_by_prompt(records: list[dict], fraction: float, max_eval: int | None = None) -> tuple[list[dict], list[dict]]:
