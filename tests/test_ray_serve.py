@@ -105,7 +105,6 @@ def cluster(upstream: str) -> Iterator[dict[str, Any]]:
     assert deployment_options["num_replicas"] == 2 and deployment_options["ray_actor_options"]["num_gpus"] == 0
     env = {**app_cfg["runtime_env"]["env_vars"], "DIFFPO_API_KEY": API_KEY, "OPENAI_API_KEY": "sk-stub",
            "RAY_USAGE_STATS_ENABLED": "0"}
-    http_port, metrics_port = free_port(), free_port()
     old_cwd, old_path, old_stats = os.getcwd(), list(sys.path), os.environ.get("RAY_USAGE_STATS_ENABLED")
     try:
         os.chdir(REPO)  # as `serve run` from the repository root: Ray puts the driver's cwd on workers' path
@@ -113,11 +112,15 @@ def cluster(upstream: str) -> Iterator[dict[str, Any]]:
         os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # no reporting home from a test
         ray.init(
             num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-            object_store_memory=100 * 1024 * 1024, runtime_env={"env_vars": env}, _metrics_export_port=metrics_port,
+            object_store_memory=100 * 1024 * 1024, runtime_env={"env_vars": env},
             _system_config={"metrics_report_interval_ms": 1000, "enable_worker_prestart": False},
         )
         from integrations.ray_serve.deployment import DiffPORefinerDeployment, to_argv
 
+        # Ports are taken once Ray's own processes hold theirs: a port chosen before ray.init can be
+        # handed to one of them too (seen in CI: the metrics agent failed with "address already in use").
+        metrics_port = ray.nodes()[0]["MetricsExportPort"]
+        http_port = free_port()
         ray_serve.start(http_options={"host": "127.0.0.1", "port": http_port})
         args = {**app_cfg["args"], "upstream_model": "openai/stub-model", "upstream_api_base": f"{upstream}/v1"}
         app = DiffPORefinerDeployment.options(**deployment_options).bind(to_argv(args))
