@@ -17,13 +17,12 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .loss import answer_logits, token_nll
+from .loss import token_nll
 
 
 def repetition_rate(sequences: list[list[int]], n: int = 3) -> float:
@@ -70,40 +69,38 @@ def heldout_losses(model: Any, dataset: Any, collator: Any, batch_size: int = 8,
 
 
 @torch.no_grad()
-def preference_accuracy(model: Any, dataset: Any, pad: int, batch_size: int = 8) -> float:
-    """Pairwise: target vs each lower-ranked answer, by mean log-likelihood per answer token."""
-    from .states import left_pad
+def answer_scores(model: Any, prompt: list[int], answers: list[list[int]], masks: list[list[int]]) -> list[float]:
+    """Mean log-likelihood per answer token of each (N-long, padded) answer after ``prompt``.
 
+    The prompt runs once; every answer continues from its KV cache, so a prompt with k answers
+    costs one prompt and k answers instead of k prompts."""
     device = next(model.parameters()).device
+    k, n = len(answers), len(answers[0])
+    head = model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
+    cache = head.past_key_values
+    cache.batch_repeat_interleave(k)
+    ids = torch.tensor(answers, device=device)
+    positions = torch.arange(len(prompt), len(prompt) + n - 1, device=device).expand(k, -1)
+    rest = model(input_ids=ids[:, :-1], position_ids=positions, past_key_values=cache, use_cache=False).logits
+    logits = torch.cat([head.logits[:, -1:].expand(k, -1, -1), rest], dim=1)  # predicts answer tokens 0..N-1
+    mask = torch.tensor(masks, device=device, dtype=torch.float)
+    return (-(token_nll(logits, ids) * mask).sum(-1) / mask.sum(-1)).tolist()
+
+
+@torch.no_grad()
+def preference_accuracy(model: Any, dataset: Any) -> float:
+    """Pairwise: target vs each lower-ranked answer, by mean log-likelihood per answer token."""
     was = model.training
     model.eval()
-    pairs = []  # (prompt, answer tokens incl. stop, is_target, group)
-    for k, item in enumerate(dataset.items):
-        pairs.append((item["prompt"], item["target"], True, k))
-        pairs += [(item["prompt"], o, False, k) for o in item["others"]]
-    scores = [0.0] * len(pairs)
-    n = dataset.n
-    # batched by prompt length (answers are all N long), so a batch pads little
-    order = sorted(range(len(pairs)), key=lambda j: len(pairs[j][0]))
-    for i in range(0, len(order), batch_size):
-        rows = order[i:i + batch_size]
-        part = [pairs[j] for j in rows]
-        answers = [dataset.padded(a) for _, a, _, _ in part]
-        ids, mask = left_pad([p + a for (p, _, _, _), a in zip(part, answers)], pad)
-        ids, mask = ids.to(device), mask.to(device)
-        nll = token_nll(answer_logits(model, ids, mask, n), torch.tensor(answers, device=device))
-        amask = torch.tensor([dataset.answer_mask(a) for _, a, _, _ in part], device=device, dtype=torch.float)
-        for j, score in zip(rows, (-(nll * amask).sum(-1) / amask.sum(-1)).tolist()):
-            scores[j] = score
+    wins = []
+    for item in dataset.items:
+        if not item["others"]:
+            continue
+        answers = [item["target"], *item["others"]]
+        best, *others = answer_scores(model, item["prompt"], [dataset.padded(a) for a in answers],
+                                      [dataset.answer_mask(a) for a in answers])
+        wins += [best > s for s in others]
     model.train(was)
-    best: dict[int, float] = {}
-    others: dict[int, list[float]] = {}
-    for (_, _, is_t, k), s in zip(pairs, scores):
-        if is_t:
-            best[k] = s
-        else:
-            others.setdefault(k, []).append(s)
-    wins = [best[k] > s for k in best for s in others.get(k, [])]
     return sum(wins) / len(wins) if wins else float("nan")
 
 
@@ -141,7 +138,7 @@ def evaluate_refiner(model: Any, tokenizer: Any, dataset: Any, *, draft_items: l
     if transfer_items:
         out["passes_per_token_transfer"] = refine_metrics(model, tokenizer, transfer_items, dataset.n,
                                                           block_size)["passes_per_token"]
-    out["preference_accuracy"] = preference_accuracy(model, dataset, dataset.pad, batch_size)
+    out["preference_accuracy"] = preference_accuracy(model, dataset)
     return out
 
 
@@ -175,15 +172,5 @@ def write_table(out_dir: str | Path, columns: dict[str, dict[str, float]], extra
     return table
 
 
-def token_overlap(a: list[int], b: list[int]) -> int:
-    """Leading tokens two answers share (how far a draft already agrees with the target)."""
-    k = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        k += 1
-    return k
-
-
-__all__ = ["Counter", "evaluate_refiner", "format_table", "heldout_losses", "preference_accuracy",
-           "refine_metrics", "repetition_rate", "token_overlap", "write_table"]
+__all__ = ["answer_scores", "evaluate_refiner", "format_table", "heldout_losses", "preference_accuracy",
+           "refine_metrics", "repetition_rate", "write_table"]
