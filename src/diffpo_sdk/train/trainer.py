@@ -53,7 +53,7 @@ class DiffPOConfig(TrainingArguments):
     transfer_eval_data: str | None = field(default=None, metadata={"help": "trajectories from a source the run never trains on (e.g. `diffpo data build --from-pairs` of HH-RLHF): the final table adds passes/token on their drafts (the first --max-eval-prompts)"})
     eval_fraction: float = field(default=0.1, metadata={"help": "share of prompts held out when --eval-data is not given"})
     max_train_prompts: int | None = field(default=None, metadata={"help": "use only the first N training prompts"})
-    max_eval_prompts: int = field(default=32, metadata={"help": "cap on held-out prompts (evaluation cost)"})
+    max_eval_prompts: int = field(default=16, metadata={"help": "cap on held-out prompts: every evaluation and both columns of the final table refine them (set 32 or more for figures you report)"})
     max_response_tokens: int = field(default=256, metadata={"help": "N: answers are cut or padded to N tokens like engine drafts (the paper: 256)"})
     max_prompt_tokens: int = field(default=512, metadata={"help": "prompts longer than this keep their last tokens"})
     consistency_weight: float | None = field(default=None, metadata=_recipe_help("w in L = L_AR + w * L_Con (0 = SFT-only control)"))
