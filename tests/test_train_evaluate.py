@@ -54,3 +54,21 @@ def test_shared_prompt_scores_equal_full_sequences(tiny_llama_dir: str, lora: bo
         assert got == pytest.approx(want, abs=1e-4)
         wins += [want[0] > s for s in want[1:]]
     assert preference_accuracy(model, ds) == pytest.approx(sum(wins) / len(wins))
+
+
+def test_long_repetition_is_measured_on_greedy_answers_past_n(smollm2_path: str) -> None:
+    from diffpo_sdk.train.evaluate import long_repetition, repetition_rate
+
+    model, tok = load(smollm2_path, lora=False)
+    records = [{"messages": [{"role": "user", "content": q}], "target": "A fine answer.", "others": ["No."]}
+               for q in ["What are the names of some famous actors that started their careers on Broadway?",
+                         "Name three primary colors."]]
+    ds = TrajectoryDataset(records, tok, 8)
+    want = []
+    for item in ds.items:  # one prompt at a time, no padding: plain greedy generate, stop tokens dropped
+        out = model.generate(torch.tensor([item["prompt"]]), max_new_tokens=64, do_sample=False,
+                             pad_token_id=ds.pad)[0, len(item["prompt"]):].tolist()
+        cut = next((i for i, t in enumerate(out) if t in ds.stop_ids), len(out))
+        want.append(out[:cut])
+    assert repetition_rate(want) > 0.05  # SmolLM2 lists the same actor again and again: something to count
+    assert long_repetition(model, ds, 64, batch_size=1) == pytest.approx(repetition_rate(want))

@@ -175,7 +175,7 @@ def model_card(cfg: Any, table: str, guard: str | None) -> str:
     """The project's model card: the recipe that ran, how it differs from the paper, the table."""
     from .recipes import DIFFERS_FROM_PAPER, LOSS_KEYS, TRAIN_KEYS
 
-    keys = [*LOSS_KEYS, "frontier_branches", "frontier_depth", "max_response_tokens", *TRAIN_KEYS[:-1], "max_steps",
+    keys = [*LOSS_KEYS, "frontier_branches", "frontier_depth", "max_response_tokens", "eval_long_tokens", *TRAIN_KEYS[:-1], "max_steps",
             "per_device_train_batch_size", "lora_r", "seed"]
     conf = "\n".join(f"- `{k}`: {getattr(cfg, k)}" for k in keys)
     overrides = getattr(cfg, "recipe_overrides", {})
@@ -235,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         resume = get_last_checkpoint(cfg.output_dir)
     eval_path = Path(cfg.output_dir) / "eval_before.json"
     evaluate_kw: dict[str, Any] = dict(draft_items=eval_ds.draft_items(), block_size=block,
-                                       batch_size=cfg.per_device_eval_batch_size, **loss_kw)
+                                       batch_size=cfg.per_device_eval_batch_size, long_tokens=cfg.eval_long_tokens,
+                                       **loss_kw)
     if cfg.transfer_eval_data:
         from .data import load_trajectories
 
@@ -274,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         columns["after"] = evaluate_refiner(trainer.model, tok, eval_ds, **evaluate_kw,
                                             losses=measured if step == trainer.state.global_step else None)
         table = write_table(cfg.output_dir, columns, {"train_seconds": train_s, "steps": trainer.state.global_step,
-                                                       "block_size": block, "guard": trainer.guard_tripped})
+                                                       "block_size": block, "guard": trainer.guard_tripped,
+                                                       "long_tokens": cfg.eval_long_tokens})
         print("\n" + table + "\n")
     trainer.model_card = model_card(cfg, table, trainer.guard_tripped)
     if trainer.is_world_process_zero():

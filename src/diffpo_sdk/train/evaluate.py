@@ -4,6 +4,8 @@
   forgets how to write good answers.
 - ``repetition``: share of repeated 3-grams in refined outputs; the signature of collapse
   (a model that ignores its prefix loops).
+- ``repetition_long``: the same on greedy answers longer than N (``--eval-long-tokens``):
+  a refiner trained on N-token answers can write them well and loop after them.
 - ``guess_accuracy``: share of the consistency term's student positions (after a wrong
   token) whose greedy token is already the teacher's: the skill Jacobi speed rests on,
   measured on every branch of every held-out prompt rather than a few refined answers.
@@ -118,8 +120,21 @@ def refine_metrics(model: Any, tokenizer: Any, items: list[dict], n: int, block_
             "converged": sum(r.converged for r in results) / max(len(results), 1)}
 
 
+def long_repetition(model: Any, dataset: Any, new_tokens: int, batch_size: int = 8) -> float:
+    """Repeated 3-grams in ``new_tokens``-long greedy answers to the held-out prompts (what the
+    refiner returns at that length: its output equals greedy decoding)."""
+    from .states import greedy_answers
+
+    was = model.training
+    model.eval()
+    answers = greedy_answers(model, [it["prompt"] for it in dataset.items], new_tokens, dataset.stop_ids,
+                             dataset.pad, batch_size)
+    model.train(was)
+    return repetition_rate([[t for t in a if t not in dataset.stop_ids] for a in answers])
+
+
 def evaluate_refiner(model: Any, tokenizer: Any, dataset: Any, *, draft_items: list[dict], block_size: int | str,
-                     batch_size: int = 8, transfer_items: list[dict] | None = None,
+                     batch_size: int = 8, transfer_items: list[dict] | None = None, long_tokens: int = 0,
                      losses: dict[str, float] | None = None, **loss_kw: Any) -> dict[str, float]:
     """The before/after table for one model; ``transfer_items`` are drafts from a source the
     run never trained on (the speed that matters is the one that transfers). ``losses``: this
@@ -134,6 +149,8 @@ def evaluate_refiner(model: Any, tokenizer: Any, dataset: Any, *, draft_items: l
         out["guess_accuracy"] = losses["guess_accuracy"]
     drafts = refine_metrics(model, tokenizer, draft_items, dataset.n, block_size)
     out["repetition"] = drafts["repetition"]
+    if long_tokens > dataset.n:
+        out["repetition_long"] = long_repetition(model, dataset, long_tokens, batch_size)
     out["passes_per_token_drafts"] = drafts["passes_per_token"]
     if transfer_items:
         out["passes_per_token_transfer"] = refine_metrics(model, tokenizer, transfer_items, dataset.n,
@@ -145,6 +162,7 @@ def evaluate_refiner(model: Any, tokenizer: Any, dataset: Any, *, draft_items: l
 LABELS = {
     "heldout_ar_loss": "held-out L_AR on targets",
     "repetition": "repeated 3-grams in refined outputs",
+    "repetition_long": "repeated 3-grams, longer greedy answers",
     "guess_accuracy": "Jacobi guesses right after a wrong token",
     "passes_per_token_drafts": "passes/token, held-out drafts",
     "passes_per_token_transfer": "passes/token, drafts from another source",
@@ -172,5 +190,6 @@ def write_table(out_dir: str | Path, columns: dict[str, dict[str, float]], extra
     return table
 
 
-__all__ = ["answer_scores", "evaluate_refiner", "format_table", "heldout_losses", "preference_accuracy",
+__all__ = ["answer_scores", "evaluate_refiner", "format_table", "heldout_losses", "long_repetition",
+           "preference_accuracy",
            "refine_metrics", "repetition_rate", "write_table"]

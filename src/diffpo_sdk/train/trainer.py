@@ -83,6 +83,7 @@ class DiffPOConfig(TrainingArguments):
     guard_action: Literal["stop", "warn"] = field(default="stop", metadata={"help": "stop (restore the last healthy weights) | warn"})
     guard_prompts: int = field(default=8, metadata={"help": "held-out prompts greedily refined for the repetition guard"})
     eval_block_size: str = field(default="full", metadata={"help": "block size for passes/token in the final table: full (=N), auto or an int"})
+    eval_long_tokens: int = field(default=96, metadata={"help": "the final table's repeated 3-grams in greedy answers this long (past N: a refiner trained on N-token answers can loop after them); 0 or at most N: off"})
     final_eval: bool = field(default=True, metadata={"help": "print and write the before/after evaluation table"})
     # TrainingArguments options a recipe sets (None here = take the recipe's value)
     learning_rate: float | None = field(default=None, metadata=_recipe_help("peak learning rate"))
