@@ -175,8 +175,8 @@ def model_card(cfg: Any, table: str, guard: str | None) -> str:
     """The project's model card: the recipe that ran, how it differs from the paper, the table."""
     from .recipes import DIFFERS_FROM_PAPER, LOSS_KEYS, TRAIN_KEYS
 
-    keys = [*LOSS_KEYS, "frontier_branches", "frontier_depth", "max_response_tokens", "eval_long_tokens", *TRAIN_KEYS[:-1], "max_steps",
-            "per_device_train_batch_size", "lora_r", "seed"]
+    keys = [*LOSS_KEYS, "frontier_branches", "frontier_depth", "max_response_tokens", "eval_long_tokens",
+            *TRAIN_KEYS[:-1], "max_steps", "per_device_train_batch_size", "lora_r", "seed"]
     conf = "\n".join(f"- `{k}`: {getattr(cfg, k)}" for k in keys)
     overrides = getattr(cfg, "recipe_overrides", {})
     changed = (", ".join(f"`{k}` = {v}" for k, v in overrides.items()) if overrides else "none")

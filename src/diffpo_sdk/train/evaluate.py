@@ -191,5 +191,4 @@ def write_table(out_dir: str | Path, columns: dict[str, dict[str, float]], extra
 
 
 __all__ = ["answer_scores", "evaluate_refiner", "format_table", "heldout_losses", "long_repetition",
-           "preference_accuracy",
-           "refine_metrics", "repetition_rate", "write_table"]
+           "preference_accuracy", "refine_metrics", "repetition_rate", "write_table"]
