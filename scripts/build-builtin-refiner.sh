@@ -29,21 +29,8 @@ $PY -m diffpo_sdk.train "${COMMON[@]}" --model smollm2-135m-instruct --recipe sf
 $PY -m diffpo_sdk.train "${COMMON[@]}" --model "$RUNS/sft" --recipe fast --max-steps 300 \
     --eval-steps 100 --learning-rate 5e-5 --fixed-point-weight 10 --output-dir "$RUNS/sft-fast"
 rm -rf "$OUT"
-$PY -m diffpo_sdk.train.stack "$RUNS/sft" "$RUNS/sft-fast" "$OUT" --base smollm2-135m-instruct --dtype float16
-# the tokenizer is the base model's: none ships with the adapter
-{
-  echo "# smollm2-135m-diffpo"
-  echo
-  echo "The built-in trained DiffPO refiner: a rank-16 LoRA on SmolLM2-135M-Instruct, built by"
-  echo "\`bash scripts/build-builtin-refiner.sh\` (two stages, stacked exactly). Load it with"
-  echo "\`RefinerEngine.from_pretrained(\"smollm2-135m-diffpo\")\`. Passes/token at block size N = 32."
-  echo
-  echo "## Stage 1: \`sft\` on the preferred answers (before = the untrained model)"
-  echo
-  cat "$RUNS/sft/eval_results.md"
-  echo
-  echo "## Stage 2: \`fast\` started from stage 1 (before = stage 1, after = this refiner)"
-  echo
-  cat "$RUNS/sft-fast/eval_results.md"
-} > "$OUT/README.md"
+# one rank-16 adapter, with a model card written from both runs' eval_results.json; no tokenizer
+# ships with it: it is the base model's
+$PY -m diffpo_sdk.train.stack "$RUNS/sft" "$RUNS/sft-fast" "$OUT" --base smollm2-135m-instruct --dtype float16 \
+    --card smollm2-135m-diffpo --command "bash scripts/build-builtin-refiner.sh"
 du -sh "$OUT"

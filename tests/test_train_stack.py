@@ -44,3 +44,33 @@ def test_stacked_adapter_equals_the_two_in_sequence(tiny_llama_dir: str, tmp_pat
     assert stacked.peft_config["default"].r == 6 and stacked.peft_config["default"].base_model_name_or_path == "tiny"
     assert (expected - base).abs().max() > 1e-2  # the adapters change the model
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_stacked_card_is_written_from_both_runs(tiny_llama_dir: str, tmp_path: Path) -> None:
+    """The built-in's model card comes from what its two runs measured, so a rebuild keeps it true."""
+    import json
+
+    from diffpo_sdk.train.__main__ import main as train
+    from diffpo_sdk.train.stack import main as stack
+
+    data = tmp_path / "traj.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Question {i}: name a colour."}],
+                                        "target": f"The colour {c} is nice.", "others": [f"{c}? {c}!", "No idea"]})
+                            + "\n" for i, c in enumerate(["blue", "red", "green", "yellow"] * 2)))
+    common = ["--data", str(data), "--max-response-tokens", "8", "--max-steps", "2", "--learning-rate", "1e-3",
+              "--use-cpu", "true", "--eval-fraction", "0.25", "--eval-steps", "2", "--per-device-eval-batch-size", "4",
+              "--disable-tqdm", "true", "--guard-prompts", "1", "--jacobi-states-per-prompt", "1",
+              "--dataloader-pin-memory", "false", "--lora-r", "4", "--eval-long-tokens", "16"]
+    assert train([*common, "--model", tiny_llama_dir, "--recipe", "sft", "--output-dir", str(tmp_path / "one")]) == 0
+    assert train([*common, "--model", str(tmp_path / "one"), "--recipe", "fast",
+                  "--output-dir", str(tmp_path / "two")]) == 0
+    assert stack([str(tmp_path / "one"), str(tmp_path / "two"), str(tmp_path / "both"), "--card", "tiny-diffpo",
+                  "--command", "make tiny"]) == 0
+    card = (tmp_path / "both" / "README.md").read_text()
+    runs = [json.loads((tmp_path / d / "eval_results.json").read_text()) for d in ("one", "two")]
+    base, final = runs[0]["columns"]["before"], runs[1]["columns"]["after"]
+    assert [r["recipe"] for r in runs] == ["sft", "fast"] and "Built by `make tiny`" in card
+    row = next(line for line in card.splitlines() if line.startswith("| held-out L_AR on targets | "))
+    assert row.split(" | ")[1:3] == [f"{base['heldout_ar_loss']:.3f}", f"{final['heldout_ar_loss']:.3f}"]
+    assert ("Known limitation" in card) == (final["repetition_long"] - base["repetition_long"] > 0.05)
+    assert "## Run 1: recipe `sft`" in card and "## Run 2: recipe `fast`" in card

@@ -276,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
                                             losses=measured if step == trainer.state.global_step else None)
         table = write_table(cfg.output_dir, columns, {"train_seconds": train_s, "steps": trainer.state.global_step,
                                                        "block_size": block, "guard": trainer.guard_tripped,
-                                                       "long_tokens": cfg.eval_long_tokens})
+                                                       "long_tokens": cfg.eval_long_tokens, "recipe": cfg.recipe,
+                                                       "model": cfg.model, "date": time.strftime("%Y-%m-%d"),
+                                                       "device": device_name(torch)})
         print("\n" + table + "\n")
     trainer.model_card = model_card(cfg, table, trainer.guard_tripped)
     if trainer.is_world_process_zero():
@@ -290,6 +292,13 @@ def main(argv: list[str] | None = None) -> int:
         # threads still alive aborts ("terminate called without an active exception")
         torch.distributed.destroy_process_group()
     return 0
+
+
+def device_name(torch: Any) -> str:
+    """Where the run trained, for the results it writes: a GPU's name, or the CPU threads it used."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU, {torch.get_num_threads()} threads"
 
 
 def save_model(trainer: Any, cfg: Any, tok: Any) -> None:

@@ -14,6 +14,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .evaluate import LABELS, format_table
+
+LOOP_TOLERANCE = 0.05  # a rise in long-answer repetition the card reports (the built-in's guard tolerance)
+MINUS = "\u2212"
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 
@@ -61,6 +65,45 @@ def stack_adapters(first: str | Path, second: str | Path, out: str | Path, base:
     return out
 
 
+def stacked_model_card(first: str | Path, second: str | Path, name: str, base: str, rank: int,
+                       command: str | None = None) -> str:
+    """A model card for the stacked adapter, written only from what the two runs measured.
+
+    Both stages' ``eval_results.json`` give their tables; when they ran at one block size the
+    first stage's "before" (the base model) and the second's "after" (the stacked refiner) make
+    the comparison against the base, and a rise of repeated 3-grams in longer answers is said."""
+    runs = [json.loads((Path(p) / "eval_results.json").read_text()) for p in (first, second)]
+    lines = ["---", f"base_model: {base}", "library_name: peft", "tags: [diffpo, refiner]", "---", "",
+             f"# {name}", "", f"A DiffPO refiner: a rank-{rank} LoRA on {base}, two training runs stacked "
+             f'exactly into one adapter. Load it with `RefinerEngine.from_pretrained("{name}")`.']
+    if command:
+        lines += ["", f"Built by `{command}`."]
+    base_cols, final_cols = runs[0]["columns"]["before"], runs[1]["columns"]["after"]
+    if runs[0].get("block_size") == runs[1].get("block_size"):
+        lines += ["", f"## Against the base model (block size N = {runs[1].get('block_size')})", "",
+                  f"| measure | base | {name} | change |", "|---|---:|---:|---:|"]
+        for key, label in LABELS.items():
+            if key in base_cols and key in final_cols:
+                b, a = base_cols[key], final_cols[key]
+                change = f"{(a - b) / b:+.1%}" if key.startswith("passes_per_token") and b else f"{a - b:+.3f}"
+                lines.append(f"| {label} | {b:.3f} | {a:.3f} | {change.replace('-', MINUS)} |")
+        longs = (base_cols.get("repetition_long"), final_cols.get("repetition_long"))
+        if None not in longs and longs[1] - longs[0] > LOOP_TOLERANCE:
+            lines += ["", f"**Known limitation.** In greedy answers of {runs[1].get('long_tokens')} tokens, "
+                      f"repeated 3-grams rise from {longs[0]:.3f} (base) to {longs[1]:.3f}: past the answer "
+                      "length it trained on, it loops more than its base."]
+    for i, run in enumerate(runs, 1):
+        guard = run.get("guard")
+        stop = (f". The collapse guard fired ({guard.rstrip('.')}) and kept the last weights that passed"
+                if guard else "")
+        lines += ["", f"## Run {i}: recipe `{run.get('recipe', '?')}` from `{run.get('model', '?')}` "
+                  "(before = its starting model)", "",
+                  f"{run.get('steps', '?')} steps, {run.get('train_seconds', 0):.0f} s of training on "
+                  f"{run.get('device', '?')}, {run.get('date', '?')}, block size N = {run.get('block_size')}{stop}.",
+                  "", format_table(run["columns"])]
+    return "\n".join(lines) + "\n"
+
+
 def _targets(cfg: dict) -> list[str]:
     t = cfg.get("target_modules") or []
     return [t] if isinstance(t, str) else list(t)
@@ -76,8 +119,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out")
     p.add_argument("--base", default=None, help="base model name to record (default: the first adapter's)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--card", metavar="NAME", default=None,
+                   help="write OUT/README.md named NAME from both runs' eval_results.json")
+    p.add_argument("--command", default=None, help="the command that built it, for the card")
     args = p.parse_args(argv)
     out = stack_adapters(args.first, args.second, args.out, args.base, getattr(torch, args.dtype))
+    if args.card:
+        cfg = json.loads((out / CONFIG).read_text())
+        card = stacked_model_card(args.first, args.second, args.card, cfg.get("base_model_name_or_path", "?"),
+                                  cfg["r"], args.command)
+        (out / "README.md").write_text(card)
     print(f"stacked adapter: {out}")
     return 0
 
