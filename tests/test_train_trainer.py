@@ -117,6 +117,29 @@ def test_collapse_guard_stops_and_restores(tiny_llama_dir: str, tmp_path: Path) 
     assert m["ar_loss"] <= trainer.guard_baseline["ar_loss"] + 0.05
 
 
+def test_long_answer_guard_is_opt_in_and_judges_longer_greedy_answers(tiny_llama_dir: str, tmp_path: Path) -> None:
+    """--guard-long-repetition-tolerance watches the guard prompts' --eval-long-tokens answers
+    (past N, where a refiner trained on N-token answers loops); off, it costs nothing."""
+    from diffpo_sdk.train.evaluate import long_repetition
+
+    torch.manual_seed(0)
+    model, tok = load(tiny_llama_dir)
+    ds, held = TrajectoryDataset(RECORDS, tok, 12), TrajectoryDataset(RECORDS[:3], tok, 12)
+    off = DiffPOTrainer(model=model, args=config(tmp_path, eval_long_tokens=24), train_dataset=ds,
+                        eval_dataset=held, processing_class=tok)
+    assert "repetition_long" not in off.heldout_metrics()
+    # a tolerance below zero fails any run: only this guard can fire, the others are wide open
+    args = config(tmp_path, max_steps=6, eval_strategy="steps", eval_steps=3, eval_long_tokens=24,
+                  guard_long_repetition_tolerance=-1.0, guard_ar_tolerance=100.0, guard_repetition_tolerance=1.0)
+    trainer = DiffPOTrainer(model=model, args=args, train_dataset=ds, eval_dataset=held, processing_class=tok)
+    with pytest.warns(RuntimeWarning, match="repetition in 24-token answers"):
+        trainer.train()
+    assert trainer.state.global_step == 3 and "L_AR" not in trainer.guard_tripped
+    measured = trainer.heldout_metrics()["repetition_long"]  # the restored (starting) weights
+    assert measured == pytest.approx(long_repetition(model, held, 24, limit=2))
+    assert measured == pytest.approx(trainer.guard_baseline["repetition_long"])
+
+
 def test_resume_continues_from_checkpoint(tiny_llama_dir: str, tmp_path: Path) -> None:
     def run(out: str, resume: str | None = None, stop_at: int | None = None):
         from transformers import TrainerCallback

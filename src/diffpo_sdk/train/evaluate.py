@@ -120,14 +120,14 @@ def refine_metrics(model: Any, tokenizer: Any, items: list[dict], n: int, block_
             "converged": sum(r.converged for r in results) / max(len(results), 1)}
 
 
-def long_repetition(model: Any, dataset: Any, new_tokens: int, batch_size: int = 8) -> float:
-    """Repeated 3-grams in ``new_tokens``-long greedy answers to the held-out prompts (what the
-    refiner returns at that length: its output equals greedy decoding)."""
+def long_repetition(model: Any, dataset: Any, new_tokens: int, batch_size: int = 8, limit: int | None = None) -> float:
+    """Repeated 3-grams in ``new_tokens``-long greedy answers to the held-out prompts (the first
+    ``limit``, default all): what the refiner returns at that length, its output being greedy."""
     from .states import greedy_answers
 
     was = model.training
     model.eval()
-    answers = greedy_answers(model, [it["prompt"] for it in dataset.items], new_tokens, dataset.stop_ids,
+    answers = greedy_answers(model, [it["prompt"] for it in dataset.items[:limit]], new_tokens, dataset.stop_ids,
                              dataset.pad, batch_size)
     model.train(was)
     return repetition_rate([[t for t in a if t not in dataset.stop_ids] for a in answers])

@@ -21,7 +21,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
 from ..engine import templating
-from .evaluate import heldout_losses, refine_metrics, repetition_rate
+from .evaluate import heldout_losses, long_repetition, refine_metrics, repetition_rate
 from .loss import answer_mask, diffpo_loss, frontier_rows, pad_answer
 from .recipes import CHOICES, DEFAULT_RECIPE, check_choice, recipe_values
 from .reference import as_model, frozen_copy, prepare_reference, reference_model
@@ -80,6 +80,7 @@ class DiffPOConfig(TrainingArguments):
     guard: bool | None = field(default=None, metadata=_recipe_help("watch held-out L_AR and repetition at each evaluation (true/false)"))
     guard_ar_tolerance: float = field(default=0.1, metadata={"help": "max rise of held-out L_AR over the untrained model (nats)"})
     guard_repetition_tolerance: float = field(default=0.1, metadata={"help": "max rise of the repeated 3-gram share"})
+    guard_long_repetition_tolerance: float | None = field(default=None, metadata={"help": "max rise of repeated 3-grams in the guard prompts' --eval-long-tokens greedy answers, where a refiner trained on N-token answers loops (use --guard-prompts 32: 8 missed the loops); off by default: every consistency stage measured trips it"})
     guard_action: Literal["stop", "warn"] = field(default="stop", metadata={"help": "stop (restore the last healthy weights) | warn"})
     guard_prompts: int = field(default=8, metadata={"help": "held-out prompts greedily refined for the repetition guard"})
     eval_block_size: str = field(default="full", metadata={"help": "block size for passes/token in the final table: full (=N), auto or an int"})
@@ -435,6 +436,9 @@ class DiffPOTrainer(Trainer):
             outs = greedy_answers(model, [ds.items[i]["prompt"] for i in range(k)], ds.n, ds.stop_ids, ds.pad)
             model.train(was)
             metrics["repetition"] = repetition_rate(outs)
+        if k and self.args.guard_long_repetition_tolerance is not None and self.args.eval_long_tokens > ds.n:
+            metrics["repetition_long"] = long_repetition(model, ds, self.args.eval_long_tokens,
+                                                         self.args.per_device_eval_batch_size, limit=k)
         return metrics
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -499,6 +503,11 @@ class DiffPOTrainer(Trainer):
             problems.append(f"repetition {m['repetition']:.3f} > {allowed:.3f} + "
                             f"{self.args.guard_repetition_tolerance} (the larger of the untrained model's "
                             "and the target answers' own rate)")
+        long_tolerance = self.args.guard_long_repetition_tolerance
+        if long_tolerance is not None and "repetition_long" in m and "repetition_long" in base:
+            if m["repetition_long"] > base["repetition_long"] + long_tolerance:
+                problems.append(f"repetition in {self.args.eval_long_tokens}-token answers "
+                                f"{m['repetition_long']:.3f} > {base['repetition_long']:.3f} + {long_tolerance}")
         if not problems:
             self._healthy = self._snapshot()
             return
