@@ -52,6 +52,7 @@ def test_stacked_card_is_written_from_both_runs(tiny_llama_dir: str, tmp_path: P
 
     from diffpo_sdk.train.__main__ import main as train
     from diffpo_sdk.train.stack import main as stack
+    from diffpo_sdk.train.stack import stacked_model_card
 
     data = tmp_path / "traj.jsonl"
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Question {i}: name a colour."}],
@@ -74,3 +75,8 @@ def test_stacked_card_is_written_from_both_runs(tiny_llama_dir: str, tmp_path: P
     assert row.split(" | ")[1:3] == [f"{base['heldout_ar_loss']:.3f}", f"{final['heldout_ar_loss']:.3f}"]
     assert ("Known limitation" in card) == (final["repetition_long"] - base["repetition_long"] > 0.05)
     assert "## Run 1: recipe `sft`" in card and "## Run 2: recipe `fast`" in card
+    # a first run at another block size (the built-in's stage 1 at N = 96): no mixed comparison
+    runs[0]["block_size"] = 24
+    (tmp_path / "one" / "eval_results.json").write_text(json.dumps(runs[0]))
+    mixed = stacked_model_card(tmp_path / "one", tmp_path / "two", "tiny-diffpo", "tiny", 8)
+    assert "Against the base" not in mixed and "measured at block size N = 24 and run 2 at N = 8" in mixed

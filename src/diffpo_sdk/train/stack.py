@@ -92,6 +92,10 @@ def stacked_model_card(first: str | Path, second: str | Path, name: str, base: s
             lines += ["", f"**Known limitation.** In greedy answers of {runs[1].get('long_tokens')} tokens, "
                       f"repeated 3-grams rise from {longs[0]:.3f} (base) to {longs[1]:.3f}: past the answer "
                       "length it trained on, it loops more than its base."]
+    else:
+        lines += ["", f"Run 1 was measured at block size N = {runs[0].get('block_size')} and run 2 at "
+                  f"N = {runs[1].get('block_size')}, so this card has no comparison against the base at one "
+                  "block size: each run's table compares it with the model it started from."]
     for i, run in enumerate(runs, 1):
         guard = run.get("guard")
         stop = (f". The collapse guard fired ({guard.rstrip('.')}) and kept the last weights that passed"
