@@ -503,11 +503,11 @@ class DiffPOTrainer(Trainer):
             problems.append(f"repetition {m['repetition']:.3f} > {allowed:.3f} + "
                             f"{self.args.guard_repetition_tolerance} (the larger of the untrained model's "
                             "and the target answers' own rate)")
-        long_tolerance = self.args.guard_long_repetition_tolerance
-        if long_tolerance is not None and "repetition_long" in m and "repetition_long" in base:
-            if m["repetition_long"] > base["repetition_long"] + long_tolerance:
-                problems.append(f"repetition in {self.args.eval_long_tokens}-token answers "
-                                f"{m['repetition_long']:.3f} > {base['repetition_long']:.3f} + {long_tolerance}")
+        # measured only when its tolerance is set (heldout_metrics), so its presence is the switch
+        long_now, long_base = m.get("repetition_long"), base.get("repetition_long")
+        if None not in (long_now, long_base) and long_now > long_base + self.args.guard_long_repetition_tolerance:
+            problems.append(f"repetition in {self.args.eval_long_tokens}-token answers {long_now:.3f} > "
+                            f"{long_base:.3f} + {self.args.guard_long_repetition_tolerance}")
         if not problems:
             self._healthy = self._snapshot()
             return
