@@ -63,20 +63,28 @@ def test_stacked_card_is_written_from_both_runs(tiny_llama_dir: str, tmp_path: P
               "--disable-tqdm", "true", "--guard-prompts", "1", "--jacobi-states-per-prompt", "1",
               "--dataloader-pin-memory", "false", "--lora-r", "4", "--eval-long-tokens", "16"]
     assert train([*common, "--model", tiny_llama_dir, "--recipe", "sft", "--output-dir", str(tmp_path / "one")]) == 0
-    assert train([*common, "--model", str(tmp_path / "one"), "--recipe", "fast",
+    assert train([*common, "--model", str(tmp_path / "one"), "--recipe", "fast", "--eval-base-model", tiny_llama_dir,
                   "--output-dir", str(tmp_path / "two")]) == 0
     assert stack([str(tmp_path / "one"), str(tmp_path / "two"), str(tmp_path / "both"), "--card", "tiny-diffpo",
                   "--command", "make tiny"]) == 0
     card = (tmp_path / "both" / "README.md").read_text()
     runs = [json.loads((tmp_path / d / "eval_results.json").read_text()) for d in ("one", "two")]
-    base, final = runs[0]["columns"]["before"], runs[1]["columns"]["after"]
+    base, final = runs[1]["columns"]["base"], runs[1]["columns"]["after"]
+    assert list(runs[1]["columns"]) == ["base", "before", "after"]
+    # run 2's base column is the model run 1 started from, measured again on the same prompts
+    for key in ("heldout_ar_loss", "passes_per_token_drafts", "preference_accuracy"):
+        assert base[key] == pytest.approx(runs[0]["columns"]["before"][key], rel=1e-4)
     assert [r["recipe"] for r in runs] == ["sft", "fast"] and "Built by `make tiny`" in card
     row = next(line for line in card.splitlines() if line.startswith("| held-out L_AR on targets | "))
     assert row.split(" | ")[1:3] == [f"{base['heldout_ar_loss']:.3f}", f"{final['heldout_ar_loss']:.3f}"]
     assert ("Known limitation" in card) == (final["repetition_long"] - base["repetition_long"] > 0.05)
     assert "## Run 1: recipe `sft`" in card and "## Run 2: recipe `fast`" in card
-    # a first run at another block size (the built-in's stage 1 at N = 96): no mixed comparison
+    # a first run at another block size (the built-in's stage 1 at N = 96): run 2's own base
+    # column still gives the comparison; without it, no mixed one
     runs[0]["block_size"] = 24
     (tmp_path / "one" / "eval_results.json").write_text(json.dumps(runs[0]))
+    assert row in stacked_model_card(tmp_path / "one", tmp_path / "two", "tiny-diffpo", "tiny", 8)
+    del runs[1]["columns"]["base"]
+    (tmp_path / "two" / "eval_results.json").write_text(json.dumps(runs[1]))
     mixed = stacked_model_card(tmp_path / "one", tmp_path / "two", "tiny-diffpo", "tiny", 8)
     assert "Against the base" not in mixed and "measured at block size N = 24 and run 2 at N = 8" in mixed

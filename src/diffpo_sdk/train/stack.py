@@ -69,17 +69,22 @@ def stacked_model_card(first: str | Path, second: str | Path, name: str, base: s
                        command: str | None = None) -> str:
     """A model card for the stacked adapter, written only from what the two runs measured.
 
-    Both stages' ``eval_results.json`` give their tables; when they ran at one block size the
-    first stage's "before" (the base model) and the second's "after" (the stacked refiner) make
-    the comparison against the base, and a rise of repeated 3-grams in longer answers is said."""
+    Both stages' ``eval_results.json`` give their tables. The second's "after" (the stacked
+    refiner) is compared against the base: the second run's own `base` column when it measured
+    one (``--eval-base-model``), else the first run's "before" when both ran at one block size.
+    A rise of repeated 3-grams in longer answers is said."""
     runs = [json.loads((Path(p) / "eval_results.json").read_text()) for p in (first, second)]
     lines = ["---", f"base_model: {base}", "library_name: peft", "tags: [diffpo, refiner]", "---", "",
              f"# {name}", "", f"A DiffPO refiner: a rank-{rank} LoRA on {base}, two training runs stacked "
              f'exactly into one adapter. Load it with `RefinerEngine.from_pretrained("{name}")`.']
     if command:
         lines += ["", f"Built by `{command}`."]
-    base_cols, final_cols = runs[0]["columns"]["before"], runs[1]["columns"]["after"]
-    if runs[0].get("block_size") == runs[1].get("block_size"):
+    final_cols = runs[1]["columns"]["after"]
+    # the base measured by run 2 itself (--eval-base-model), else run 1's starting model at one N
+    base_cols = runs[1]["columns"].get("base")
+    if base_cols is None and runs[0].get("block_size") == runs[1].get("block_size"):
+        base_cols = runs[0]["columns"]["before"]
+    if base_cols is not None:
         lines += ["", f"## Against the base model (block size N = {runs[1].get('block_size')})", "",
                   f"| measure | base | {name} | change |", "|---|---:|---:|---:|"]
         for key, label in LABELS.items():
@@ -94,8 +99,9 @@ def stacked_model_card(first: str | Path, second: str | Path, name: str, base: s
                       "length it trained on, it loops more than its base."]
     else:
         lines += ["", f"Run 1 was measured at block size N = {runs[0].get('block_size')} and run 2 at "
-                  f"N = {runs[1].get('block_size')}, so this card has no comparison against the base at one "
-                  "block size: each run's table compares it with the model it started from."]
+                  f"N = {runs[1].get('block_size')} without the base (`--eval-base-model`), so this card has "
+                  "no comparison against the base at one block size: each run's table compares it with the "
+                  "model it started from."]
     for i, run in enumerate(runs, 1):
         guard = run.get("guard")
         stop = (f". The collapse guard fired ({guard.rstrip('.')}) and kept the last weights that passed"

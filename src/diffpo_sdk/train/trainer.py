@@ -86,6 +86,7 @@ class DiffPOConfig(TrainingArguments):
     eval_block_size: str = field(default="full", metadata={"help": "block size for passes/token in the final table: full (=N), auto or an int"})
     eval_long_tokens: int = field(default=96, metadata={"help": "the final table's repeated 3-grams in greedy answers this long (past N: a refiner trained on N-token answers can loop after them); 0 or at most N: off"})
     final_eval: bool = field(default=True, metadata={"help": "print and write the before/after evaluation table"})
+    eval_base_model: str | None = field(default=None, metadata={"help": "also measure this model (same tokenizer) in the final table, as its first column `base`: the base under a --model refiner trained further, so a stacked refiner is compared with its base at this run's N"})
     # TrainingArguments options a recipe sets (None here = take the recipe's value)
     learning_rate: float | None = field(default=None, metadata=_recipe_help("peak learning rate"))
     lr_scheduler_type: str | None = field(default=None, metadata=_recipe_help("learning-rate schedule (linear, cosine, ...)"))
