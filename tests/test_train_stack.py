@@ -88,3 +88,20 @@ def test_stacked_card_is_written_from_both_runs(tiny_llama_dir: str, tmp_path: P
     (tmp_path / "two" / "eval_results.json").write_text(json.dumps(runs[1]))
     mixed = stacked_model_card(tmp_path / "one", tmp_path / "two", "tiny-diffpo", "tiny", 8)
     assert "Against the base" not in mixed and "measured at block size N = 24 and run 2 at N = 8" in mixed
+
+
+def test_base_column_needs_the_same_tokenizer(tiny_llama_dir: str, tmp_path: Path) -> None:
+    """A base model with another vocabulary would score other token ids: refused, not measured."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from diffpo_sdk.train.__main__ import evaluate_base
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_llama_dir, other)
+    extended = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    extended.add_tokens(["<extra>"])
+    extended.save_pretrained(other)
+    with pytest.raises(SystemExit, match="another tokenizer"):
+        evaluate_base(str(other), "float32", AutoTokenizer.from_pretrained(tiny_llama_dir), None, {})
