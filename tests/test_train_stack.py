@@ -78,7 +78,8 @@ def test_stacked_card_is_written_from_both_runs(tiny_llama_dir: str, tmp_path: P
     row = next(line for line in card.splitlines() if line.startswith("| held-out L_AR on targets | "))
     assert row.split(" | ")[1:3] == [f"{base['heldout_ar_loss']:.3f}", f"{final['heldout_ar_loss']:.3f}"]
     assert ("Known limitation" in card) == (final["repetition_long"] - base["repetition_long"] > 0.05)
-    assert "## Run 1: recipe `sft`" in card and "## Run 2: recipe `fast`" in card
+    assert f"## Run 1: recipe `sft` from `{tiny_llama_dir}`" in card and "## Run 2: recipe `fast` from run 1's model" in card
+    assert str(tmp_path) not in card  # no path of the machine that built it
     # a first run at another block size (the built-in's stage 1 at N = 96): run 2's own base
     # column still gives the comparison; without it, no mixed one
     runs[0]["block_size"] = 24

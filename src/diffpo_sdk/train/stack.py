@@ -106,8 +106,10 @@ def stacked_model_card(first: str | Path, second: str | Path, name: str, base: s
         guard = run.get("guard")
         stop = (f". The collapse guard fired ({guard.rstrip('.')}) and kept the last weights that passed"
                 if guard else "")
-        lines += ["", f"## Run {i}: recipe `{run.get('recipe', '?')}` from `{run.get('model', '?')}` "
-                  "(before = its starting model)", "",
+        start = run.get("model", "?")
+        # run 2 starts from run 1's output folder: named as such, not by a path of the build machine
+        start = "run 1's model" if i == 2 and Path(start).resolve() == Path(first).resolve() else f"`{start}`"
+        lines += ["", f"## Run {i}: recipe `{run.get('recipe', '?')}` from {start} (before = its starting model)", "",
                   f"{run.get('steps', '?')} steps, {run.get('train_seconds', 0):.0f} s of training on "
                   f"{run.get('device', '?')}, {run.get('date', '?')}, block size N = {run.get('block_size')}{stop}.",
                   "", format_table(run["columns"])]
