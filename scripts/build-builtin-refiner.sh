@@ -13,7 +13,7 @@
 # both stages' evaluation tables (held-out AlpacaEval prompts, and HH-RLHF drafts the runs never
 # trained on) in its card.
 #
-# Usage: bash scripts/build-builtin-refiner.sh   (about an hour on 2 CPU cores; RUNS=dir to keep
+# Usage: bash scripts/build-builtin-refiner.sh   (about 75 min on 2 CPU cores; RUNS=dir to keep
 # the stages elsewhere; a stage whose eval_results.json is in RUNS already is not run again)
 set -euo pipefail
 cd "$(dirname "$0")/.."
