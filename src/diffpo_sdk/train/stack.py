@@ -92,6 +92,11 @@ def stacked_model_card(first: str | Path, second: str | Path, name: str, base: s
                 b, a = base_cols[key], final_cols[key]
                 change = f"{(a - b) / b:+.1%}" if key.startswith("passes_per_token") and b else f"{a - b:+.3f}"
                 lines.append(f"| {label} | {b:.3f} | {a:.3f} | {change.replace('-', MINUS)} |")
+        lines += ["", "On the held-out prompts of the runs' data (prompts neither run trained on): L_AR on their "
+                  "preferred answers; passes/token refining their lower-ranked answers as drafts (1.0: one "
+                  "token per pass) and, for \"another source\", the drafts of `--transfer-eval-data`, a "
+                  "source neither run trained on; preference accuracy: how often the preferred answer scores "
+                  "above a lower-ranked one. The refiner's output equals greedy decoding of base plus adapter."]
         longs = (base_cols.get("repetition_long"), final_cols.get("repetition_long"))
         if None not in longs and longs[1] - longs[0] > LOOP_TOLERANCE:
             lines += ["", f"**Known limitation.** In greedy answers of {runs[1].get('long_tokens')} tokens, "
