@@ -239,7 +239,7 @@ def run(args: argparse.Namespace) -> list[Row]:
           f"batch: {ip} passes for {it} tokens ({it / max(ip, 1):.2f} tokens/pass), {ideal_s:.2f} s against "
           f"{gs:.2f} s of greedy decoding one by one ({gs / max(ideal_s, 1e-9):.1f}x).")
     print("Drafts from another model (here: sampled) mostly disagree with a refiner that was not trained long on\n"
-          "such drafts (the built-in: 40 min on 2 CPU cores), so it falls back to about one token per pass;\n"
+          "such drafts (the built-in: briefly, on CPU), so it falls back to about one token per pass;\n"
           "training on such drafts (diffpo train) is how a refiner learns to accept more per pass.")
     print(f"\nTotal {time.perf_counter() - t0:.0f} s (loading {load_s:.0f} s) on {_device_line(args.device)}.")
     return rows

@@ -192,15 +192,17 @@ def model_card(cfg: Any, table: str, guard: str | None) -> str:
                ("Collapse guards held.\n" if cfg.guard else "Collapse guards were off.\n")))
 
 
-def evaluate_base(name: str, dtype: str, tok: Any, dataset: Any, evaluate_kw: dict[str, Any]) -> dict[str, float]:
+def evaluate_base(name: str, dtype: str, tok: Any, dataset: Any, evaluate_kw: dict[str, Any],
+                  device: Any = "cpu") -> dict[str, float]:
     """The final table's `base` column: another model (the base under the refiner this run
-    trained further) measured on the same held-out prompts, drafts and block size."""
+    trained further) measured on the same held-out prompts, drafts and block size, on the
+    device the trained model is measured on."""
     import torch
 
     from ..engine.loading import load_model_and_tokenizer, resolve_dtype
     from .evaluate import evaluate_refiner
 
-    base, base_tok, _ = load_model_and_tokenizer(name, device=torch.device("cpu"), dtype=resolve_dtype(dtype))
+    base, base_tok, _ = load_model_and_tokenizer(name, device=torch.device(device), dtype=resolve_dtype(dtype))
     if base_tok.get_vocab() != tok.get_vocab():
         raise SystemExit(f"--eval-base-model {name} has another tokenizer than the model trained: not comparable")
     return evaluate_refiner(base, tok, dataset, **evaluate_kw)
@@ -289,8 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         columns["after"] = evaluate_refiner(trainer.model, tok, eval_ds, **evaluate_kw,
                                             losses=measured if step == trainer.state.global_step else None)
         if cfg.eval_base_model:
-            columns = {"base": evaluate_base(cfg.eval_base_model, cfg.model_dtype, tok, eval_ds, evaluate_kw),
-                       **columns}
+            columns = {"base": evaluate_base(cfg.eval_base_model, cfg.model_dtype, tok, eval_ds, evaluate_kw,
+                                             device=next(trainer.model.parameters()).device), **columns}
         table = write_table(cfg.output_dir, columns, {"train_seconds": train_s, "steps": trainer.state.global_step,
                                                        "block_size": block, "guard": trainer.guard_tripped,
                                                        "long_tokens": cfg.eval_long_tokens, "recipe": cfg.recipe,
