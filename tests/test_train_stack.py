@@ -92,17 +92,30 @@ def test_stacked_card_is_written_from_both_runs(tiny_llama_dir: str, tmp_path: P
 
 
 def test_base_column_needs_the_same_tokenizer(tiny_llama_dir: str, tmp_path: Path) -> None:
-    """A base model with another vocabulary would score other token ids: refused, not measured."""
+    """A base model with another vocabulary would score other token ids: refused before training
+    starts, so a wrong name costs seconds, not a whole run."""
+    import json
     import shutil
 
     from transformers import AutoTokenizer
 
-    from diffpo_sdk.train.__main__ import evaluate_base
+    from diffpo_sdk.train.__main__ import main as train
 
     other = tmp_path / "other"
     shutil.copytree(tiny_llama_dir, other)
     extended = AutoTokenizer.from_pretrained(tiny_llama_dir)
     extended.add_tokens(["<extra>"])
     extended.save_pretrained(other)
+    data = tmp_path / "traj.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Question {i}?"}],
+                                        "target": "An answer.", "others": ["No."]}) + "\n" for i in range(4)))
+    argv = ["--model", tiny_llama_dir, "--data", str(data), "--output-dir", str(tmp_path / "out"), "--recipe", "sft",
+            "--max-response-tokens", "8", "--max-steps", "2", "--use-cpu", "true", "--disable-tqdm", "true",
+            "--eval-fraction", "0.25", "--dataloader-pin-memory", "false"]
     with pytest.raises(SystemExit, match="another tokenizer"):
-        evaluate_base(str(other), "float32", AutoTokenizer.from_pretrained(tiny_llama_dir), None, {})
+        train([*argv, "--eval-base-model", str(other)])
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing measured
+    # the same vocabulary passes the check (the tokenizer alone is loaded for it)
+    from diffpo_sdk.train.__main__ import check_base_tokenizer
+
+    check_base_tokenizer(tiny_llama_dir, AutoTokenizer.from_pretrained(tiny_llama_dir))

@@ -176,6 +176,20 @@ def load_model_and_tokenizer(
     return model, tokenizer, name_or_path
 
 
+def load_tokenizer(name_or_path: str) -> Any:
+    """The tokenizer alone, for a name resolved as ``load_model_and_tokenizer`` resolves it:
+    to check that two models share a vocabulary before spending time on either's weights."""
+    from transformers import AutoTokenizer
+
+    path, extra = resolve_model_path(name_or_path)
+    if _is_adapter_only(path):
+        return _adapter_tokenizer(path) or load_tokenizer(_adapter_base(path))
+    try:
+        return AutoTokenizer.from_pretrained(path, **extra)
+    except OSError as e:
+        raise ModelNotFoundError(f"could not load the tokenizer of {name_or_path!r}: {e}") from e
+
+
 def _is_adapter_only(path: str) -> bool:
     return (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file()
 

@@ -192,19 +192,26 @@ def model_card(cfg: Any, table: str, guard: str | None) -> str:
                ("Collapse guards held.\n" if cfg.guard else "Collapse guards were off.\n")))
 
 
+def check_base_tokenizer(name: str, tok: Any) -> None:
+    """``--eval-base-model`` must share the trained model's vocabulary, or its scores would be of
+    other token ids; checked before training, so a wrong name fails in seconds, not at the end."""
+    from ..engine.loading import load_tokenizer
+
+    if load_tokenizer(name).get_vocab() != tok.get_vocab():
+        raise SystemExit(f"--eval-base-model {name} has another tokenizer than the model trained: not comparable")
+
+
 def evaluate_base(name: str, dtype: str, tok: Any, dataset: Any, evaluate_kw: dict[str, Any],
                   device: Any = "cpu") -> dict[str, float]:
     """The final table's `base` column: another model (the base under the refiner this run
     trained further) measured on the same held-out prompts, drafts and block size, on the
-    device the trained model is measured on."""
+    device the trained model is measured on. Its tokenizer was checked before training."""
     import torch
 
     from ..engine.loading import load_model_and_tokenizer, resolve_dtype
     from .evaluate import evaluate_refiner
 
-    base, base_tok, _ = load_model_and_tokenizer(name, device=torch.device(device), dtype=resolve_dtype(dtype))
-    if base_tok.get_vocab() != tok.get_vocab():
-        raise SystemExit(f"--eval-base-model {name} has another tokenizer than the model trained: not comparable")
+    base, _, _ = load_model_and_tokenizer(name, device=torch.device(device), dtype=resolve_dtype(dtype))
     return evaluate_refiner(base, tok, dataset, **evaluate_kw)
 
 
@@ -239,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("process %d of %d (%s, backend %s), recipe %s", cfg.process_index, cfg.world_size,
              cfg.parallel_mode.value, cfg.distributed_state.backend if cfg.distributed_state else None, cfg.recipe)
     model, tok = load_refiner(cfg)
+    if cfg.eval_base_model and cfg.final_eval:
+        check_base_tokenizer(cfg.eval_base_model, tok)
     train_ds, eval_ds, generator = build_datasets(cfg, model, tok)
     log.info("%d training prompts, %d held out, source=%s", len(train_ds), len(eval_ds), cfg.trajectory_source)
 
