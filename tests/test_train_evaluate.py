@@ -56,8 +56,8 @@ def test_shared_prompt_scores_equal_full_sequences(tiny_llama_dir: str, lora: bo
     assert preference_accuracy(model, ds) == pytest.approx(sum(wins) / len(wins))
 
 
-def test_long_repetition_is_measured_on_greedy_answers_past_n(smollm2_path: str) -> None:
-    from diffpo_sdk.train.evaluate import long_repetition, repetition_rate
+def test_greedy_repetition_is_measured_on_greedy_answers_past_n(smollm2_path: str) -> None:
+    from diffpo_sdk.train.evaluate import greedy_repetition, repetition_rate
 
     model, tok = load(smollm2_path, lora=False)
     records = [{"messages": [{"role": "user", "content": q}], "target": "A fine answer.", "others": ["No."]}
@@ -71,4 +71,4 @@ def test_long_repetition_is_measured_on_greedy_answers_past_n(smollm2_path: str)
         cut = next((i for i, t in enumerate(out) if t in ds.stop_ids), len(out))
         want.append(out[:cut])
     assert repetition_rate(want) > 0.05  # SmolLM2 lists the same actor again and again: something to count
-    assert long_repetition(model, ds, 64, batch_size=1) == pytest.approx(repetition_rate(want))
+    assert greedy_repetition(model, ds, 64, batch_size=1) == pytest.approx(repetition_rate(want))

@@ -120,7 +120,7 @@ def test_collapse_guard_stops_and_restores(tiny_llama_dir: str, tmp_path: Path) 
 def test_long_answer_guard_is_opt_in_and_judges_longer_greedy_answers(tiny_llama_dir: str, tmp_path: Path) -> None:
     """--guard-long-repetition-tolerance watches the guard prompts' --eval-long-tokens answers
     (past N, where a refiner trained on N-token answers loops); off, it costs nothing."""
-    from diffpo_sdk.train.evaluate import long_repetition
+    from diffpo_sdk.train.evaluate import greedy_repetition
 
     torch.manual_seed(0)
     model, tok = load(tiny_llama_dir)
@@ -136,8 +136,41 @@ def test_long_answer_guard_is_opt_in_and_judges_longer_greedy_answers(tiny_llama
         trainer.train()
     assert trainer.state.global_step == 3 and "L_AR" not in trainer.guard_tripped
     measured = trainer.heldout_metrics()["repetition_long"]  # the restored (starting) weights
-    assert measured == pytest.approx(long_repetition(model, held, 24, limit=2))
+    assert measured == pytest.approx(greedy_repetition(model, held, 24, limit=2))
     assert measured == pytest.approx(trainer.guard_baseline["repetition_long"])
+
+
+def test_repetition_without_a_tokenizer_is_that_of_the_greedy_answers(tiny_llama_dir: str, tmp_path: Path) -> None:
+    """With no tokenizer the engine cannot refine drafts; the guard's repetition is then measured
+    on the greedy answers themselves, in eval mode and without the stop token, as everywhere else."""
+    from diffpo_sdk.train.evaluate import greedy_repetition, repetition_rate
+    from diffpo_sdk.train.states import greedy_answers
+
+    torch.manual_seed(0)
+    model, tok = load(tiny_llama_dir)
+    ds, held = TrajectoryDataset(RECORDS, tok, 12), TrajectoryDataset(RECORDS[:3], tok, 12)
+    # a head that can say only four words and the stop token, so the answers repeat 3-grams
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.fill_(-1e4)
+        words = torch.tensor([300, 301, 302, 303, tok.eos_token_id])
+        head.weight[words] = model.model.embed_tokens.weight[words] * 5
+        head.bias[words] = torch.tensor([0.0, 0.0, 0.0, 0.0, -3.0])
+    # and in train mode (dropout, say) says only the one word: its answers then repeat throughout
+    bump = torch.zeros(model.config.vocab_size)
+    bump[303] = 100.0
+    head.register_forward_hook(lambda module, args, out: out + bump if module.training else out)
+    model.lm_head = head
+    model.train()
+    trainer = DiffPOTrainer(model=model, args=config(tmp_path), train_dataset=ds, eval_dataset=held)
+    measured = trainer.heldout_metrics()["repetition"]
+    assert model.training  # left as it was
+    model.eval()
+    answers = greedy_answers(model, [it["prompt"] for it in held.items[:2]], 12, held.stop_ids, held.pad)
+    expected = repetition_rate([[t for t in a if t not in held.stop_ids] for a in answers])
+    assert expected > 0 and measured == pytest.approx(expected)
+    assert measured == pytest.approx(greedy_repetition(model, held, 12, limit=2))
 
 
 def test_resume_continues_from_checkpoint(tiny_llama_dir: str, tmp_path: Path) -> None:

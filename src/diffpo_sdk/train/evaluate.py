@@ -120,9 +120,10 @@ def refine_metrics(model: Any, tokenizer: Any, items: list[dict], n: int, block_
             "converged": sum(r.converged for r in results) / max(len(results), 1)}
 
 
-def long_repetition(model: Any, dataset: Any, new_tokens: int, batch_size: int = 8, limit: int | None = None) -> float:
-    """Repeated 3-grams in ``new_tokens``-long greedy answers to the held-out prompts (the first
-    ``limit``, default all): what the refiner returns at that length, its output being greedy."""
+def greedy_repetition(model: Any, dataset: Any, new_tokens: int, batch_size: int = 8, limit: int | None = None) -> float:
+    """Repeated 3-grams in greedy answers of up to ``new_tokens`` tokens to the held-out prompts
+    (the first ``limit``, default all): what the refiner returns at that length, its output
+    being greedy. Past N it shows loops that N-token answers hide (``repetition_long``)."""
     from .states import greedy_answers
 
     was = model.training
@@ -150,7 +151,7 @@ def evaluate_refiner(model: Any, tokenizer: Any, dataset: Any, *, draft_items: l
     drafts = refine_metrics(model, tokenizer, draft_items, dataset.n, block_size)
     out["repetition"] = drafts["repetition"]
     if long_tokens > dataset.n:
-        out["repetition_long"] = long_repetition(model, dataset, long_tokens, batch_size)
+        out["repetition_long"] = greedy_repetition(model, dataset, long_tokens, batch_size)
     out["passes_per_token_drafts"] = drafts["passes_per_token"]
     if transfer_items:
         out["passes_per_token_transfer"] = refine_metrics(model, tokenizer, transfer_items, dataset.n,
@@ -190,5 +191,5 @@ def write_table(out_dir: str | Path, columns: dict[str, dict[str, float]], extra
     return table
 
 
-__all__ = ["answer_scores", "evaluate_refiner", "format_table", "heldout_losses", "long_repetition",
+__all__ = ["answer_scores", "evaluate_refiner", "format_table", "greedy_repetition", "heldout_losses",
            "preference_accuracy", "refine_metrics", "repetition_rate", "write_table"]
