@@ -1,0 +1,105 @@
+"""A full fine-tune as a LoRA adapter on its base: the truncated SVD of each weight's change.
+
+The consistency objective buys its speed with a full fine-tune (a rank-8 LoRA barely moves;
+docs/training.md, Results), but a refiner ships as a small adapter on the built-in weights.
+For each linear layer LoRA targets, ``W_tuned - W_base = U S Vh`` and the best rank-r
+approximation of that change is ``B = U_r S_r``, ``A = Vh_r`` with scaling 1. The share of
+the change's energy (squared singular values) kept is reported; changes outside those layers
+(embeddings, norms) cannot ride on a LoRA of linear layers and are reported as dropped.
+
+    python -m diffpo_sdk.train.extract runs/fast runs/fast-lora --base smollm2-135m-instruct --rank 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class Extraction:
+    """What the adapter keeps of the fine-tune's change, and what it drops."""
+
+    rank: int
+    energy_kept: float  # share of the targeted layers' squared change the adapter reproduces
+    dropped: dict[str, float] = field(default_factory=dict)  # untargeted weight -> norm of its change
+    size_bytes: int = 0
+
+
+def model_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a saved model folder (one or several safetensors files)."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no .safetensors weights")
+    return {k: v for f in files for k, v in load_file(str(f)).items()}
+
+
+def extract_lora(tuned: str | Path, base: str | Path, out: str | Path, rank: int, *, base_name: str | None = None,
+                 dtype: torch.dtype = torch.float16, targets: tuple[str, ...] = LINEAR_TARGETS) -> Extraction:
+    """Write to ``out`` a rank-``rank`` LoRA adapter that turns ``base``'s weights into about
+    ``tuned``'s; ``base_name`` is the base the adapter names (default: the ``base`` folder)."""
+    tuned_w, base_w = model_weights(tuned), model_weights(base)
+    adapter: dict[str, torch.Tensor] = {}
+    kept = total = 0.0
+    dropped: dict[str, float] = {}
+    for name, weight in sorted(tuned_w.items()):
+        if name not in base_w:
+            raise ValueError(f"{name} is not in the base model: not a fine-tune of it")
+        change = weight.float() - base_w[name].float()
+        module, _, kind = name.rpartition(".")
+        if kind != "weight" or module.rpartition(".")[2] not in targets:
+            if change.abs().max() > 0:
+                dropped[name] = float(change.norm())
+            continue
+        u, s, vh = torch.linalg.svd(change, full_matrices=False)
+        kept += float((s[:rank] ** 2).sum())
+        total += float((s ** 2).sum())
+        key = f"base_model.model.{module}"
+        adapter[f"{key}.lora_A.weight"] = vh[:rank].to(dtype).contiguous()
+        adapter[f"{key}.lora_B.weight"] = (u[:, :rank] * s[:rank]).to(dtype).contiguous()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(adapter, str(out / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
+              "target_modules": list(targets), "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+              "base_model_name_or_path": base_name or str(base)}
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return Extraction(rank, kept / total if total else 1.0, dropped, (out / "adapter_model.safetensors").stat().st_size)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m diffpo_sdk.train.extract", description=__doc__.split("\n\n")[0])
+    parser.add_argument("tuned", help="the fully fine-tuned model folder (what the trainer writes without --lora-r)")
+    parser.add_argument("out", help="where to write the adapter (adapter_config.json + adapter_model.safetensors)")
+    parser.add_argument("--base", required=True, help="the model it was tuned from: a folder or a built-in name")
+    parser.add_argument("--rank", type=int, default=32, help="LoRA rank (size grows with it; 32 on SmolLM2-135M: ~20 MB)")
+    args = parser.parse_args(argv)
+    from ..engine.loading import resolve_model_path
+
+    base_folder, _ = resolve_model_path(args.base)
+    done = extract_lora(args.tuned, base_folder, args.out, args.rank, base_name=args.base)
+    tokenizer = Path(args.tuned) / "tokenizer.json"
+    if tokenizer.is_file():  # the engine loads the adapter's own tokenizer when it has one
+        for f in Path(args.tuned).glob("tokenizer*"):
+            (Path(args.out) / f.name).write_bytes(f.read_bytes())
+        template = Path(args.tuned) / "chat_template.jinja"
+        if template.is_file():
+            (Path(args.out) / template.name).write_bytes(template.read_bytes())
+    print(f"rank {done.rank}: {100 * done.energy_kept:.1f} % of the linear layers' change kept, "
+          f"{done.size_bytes / 1e6:.1f} MB")
+    if done.dropped:
+        print("changes a LoRA of linear layers cannot carry (dropped): "
+              + ", ".join(f"{k} ({v:.3g})" for k, v in sorted(done.dropped.items(), key=lambda kv: -kv[1])[:5])
+              + (f" and {len(done.dropped) - 5} more" if len(done.dropped) > 5 else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

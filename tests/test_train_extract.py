@@ -1,0 +1,64 @@
+"""A full fine-tune ships as a LoRA adapter: the extracted adapter on the base gives the tuned
+model's logits when the change has the adapter's rank, and says what it cannot carry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+
+def tuned_copy(tiny_llama_dir: str, out: Path, rank: int, norm_change: float = 0.0) -> Path:
+    """The tiny model with a random rank-``rank`` change in every linear layer LoRA targets."""
+    from transformers import AutoModelForCausalLM
+
+    from diffpo_sdk.train.extract import LINEAR_TARGETS
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".weight") and name.split(".")[-2] in LINEAR_TARGETS:
+                p += 0.05 * torch.randn(p.shape[0], rank) @ torch.randn(rank, p.shape[1])
+        model.model.norm.weight += norm_change
+    model.save_pretrained(out)
+    return out
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_extracted_adapter_reproduces_a_change_of_its_rank(tiny_llama_dir: str, tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from diffpo_sdk.train.extract import extract_lora
+
+    tuned = tuned_copy(tiny_llama_dir, tmp_path / "tuned", rank=2)
+    done = extract_lora(tuned, tiny_llama_dir, tmp_path / "lora", rank=2, base_name="tiny", dtype=torch.float32)
+    assert done.energy_kept == pytest.approx(1.0, abs=1e-6) and done.dropped == {}
+    base = lambda: AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)  # noqa: E731
+    ids = torch.tensor([[1, 5, 9, 200, 17, 4]])
+    want = logits(AutoModelForCausalLM.from_pretrained(tuned, dtype=torch.float32), ids)
+    adapted = PeftModel.from_pretrained(base(), tmp_path / "lora")
+    assert adapted.peft_config["default"].base_model_name_or_path == "tiny"
+    assert (want - logits(base(), ids)).abs().max() > 1e-2  # the change does something
+    torch.testing.assert_close(logits(adapted, ids), want, rtol=1e-4, atol=1e-4)
+    # a lower rank keeps only part of the change, and says so
+    part = extract_lora(tuned, tiny_llama_dir, tmp_path / "lora1", rank=1, dtype=torch.float32)
+    assert 0.3 < part.energy_kept < 0.99
+
+
+def test_changes_outside_linear_layers_are_reported_dropped(tiny_llama_dir: str, tmp_path: Path, capsys) -> None:
+    from diffpo_sdk.train.extract import main
+
+    tuned = tuned_copy(tiny_llama_dir, tmp_path / "tuned", rank=1, norm_change=0.1)
+    assert main([str(tuned), str(tmp_path / "lora"), "--base", tiny_llama_dir, "--rank", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "100.0 % of the linear layers' change kept" in out and "model.norm.weight" in out
+    assert (tmp_path / "lora" / "adapter_config.json").is_file()
