@@ -13,7 +13,7 @@ pytest.importorskip("peft")
 
 def tuned_copy(tiny_llama_dir: str, out: Path, rank: int, norm_change: float = 0.0) -> Path:
     """The tiny model with a random rank-``rank`` change in every linear layer LoRA targets."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from diffpo_sdk.train.extract import LINEAR_TARGETS
 
@@ -25,6 +25,7 @@ def tuned_copy(tiny_llama_dir: str, out: Path, rank: int, norm_change: float = 0
                 p += 0.05 * torch.randn(p.shape[0], rank) @ torch.randn(rank, p.shape[1])
         model.model.norm.weight += norm_change
     model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(out)
     return out
 
 
@@ -55,10 +56,18 @@ def test_extracted_adapter_reproduces_a_change_of_its_rank(tiny_llama_dir: str, 
 
 
 def test_changes_outside_linear_layers_are_reported_dropped(tiny_llama_dir: str, tmp_path: Path, capsys) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from diffpo_sdk.engine.loading import load_model_and_tokenizer
     from diffpo_sdk.train.extract import main
 
     tuned = tuned_copy(tiny_llama_dir, tmp_path / "tuned", rank=1, norm_change=0.1)
     assert main([str(tuned), str(tmp_path / "lora"), "--base", tiny_llama_dir, "--rank", "1"]) == 0
     out = capsys.readouterr().out
     assert "100.0 % of the linear layers' change kept" in out and "model.norm.weight" in out
-    assert (tmp_path / "lora" / "adapter_config.json").is_file()
+    # the folder loads by path in the engine's loader, on the base it names, with its own tokenizer
+    model, tok, _ = load_model_and_tokenizer(str(tmp_path / "lora"), device=torch.device("cpu"), dtype=torch.float32)
+    assert (tmp_path / "lora" / "tokenizer.json").is_file() and tok.get_vocab() == AutoTokenizer.from_pretrained(
+        tiny_llama_dir).get_vocab()
+    ids = torch.tensor([[1, 5, 9, 200, 17, 4]])
+    assert (logits(model, ids) - logits(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), ids)).abs().max() > 1e-2

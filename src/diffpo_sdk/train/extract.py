@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,13 +86,8 @@ def main(argv: list[str] | None = None) -> int:
 
     base_folder, _ = resolve_model_path(args.base)
     done = extract_lora(args.tuned, base_folder, args.out, args.rank, base_name=args.base)
-    tokenizer = Path(args.tuned) / "tokenizer.json"
-    if tokenizer.is_file():  # the engine loads the adapter's own tokenizer when it has one
-        for f in Path(args.tuned).glob("tokenizer*"):
-            (Path(args.out) / f.name).write_bytes(f.read_bytes())
-        template = Path(args.tuned) / "chat_template.jinja"
-        if template.is_file():
-            (Path(args.out) / template.name).write_bytes(template.read_bytes())
+    for f in [*Path(args.tuned).glob("tokenizer*"), *Path(args.tuned).glob("chat_template.jinja")]:
+        shutil.copy2(f, args.out)  # the engine loads an adapter's own tokenizer when it has one
     print(f"rank {done.rank}: {100 * done.energy_kept:.1f} % of the linear layers' change kept, "
           f"{done.size_bytes / 1e6:.1f} MB")
     if done.dropped:
