@@ -13,13 +13,15 @@ the change's energy (squared singular values) kept is reported; changes outside 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from peft import LoraConfig
 from safetensors.torch import load_file, save_file
+
+from .stack import WEIGHTS
 
 LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -66,13 +68,10 @@ def extract_lora(tuned: str | Path, base: str | Path, out: str | Path, rank: int
         adapter[f"{key}.lora_A.weight"] = vh[:rank].to(dtype).contiguous()
         adapter[f"{key}.lora_B.weight"] = (u[:, :rank] * s[:rank]).to(dtype).contiguous()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(adapter, str(out / "adapter_model.safetensors"))
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
-              "target_modules": list(targets), "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
-              "base_model_name_or_path": base_name or str(base)}
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    return Extraction(rank, kept / total if total else 1.0, dropped, (out / "adapter_model.safetensors").stat().st_size)
+    LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets), task_type="CAUSAL_LM",
+               base_model_name_or_path=base_name or str(base)).save_pretrained(str(out))
+    save_file(adapter, str(out / WEIGHTS))
+    return Extraction(rank, kept / total if total else 1.0, dropped, (out / WEIGHTS).stat().st_size)
 
 
 def main(argv: list[str] | None = None) -> int:
