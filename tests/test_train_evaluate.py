@@ -57,7 +57,7 @@ def test_shared_prompt_scores_equal_full_sequences(tiny_llama_dir: str, lora: bo
 
 
 def test_greedy_repetition_is_measured_on_greedy_answers_past_n(smollm2_path: str) -> None:
-    from diffpo_sdk.train.evaluate import greedy_repetition, repetition_rate
+    from diffpo_sdk.train.evaluate import greedy_repetition, long_repetition, repetition_rate
 
     model, tok = load(smollm2_path, lora=False)
     records = [{"messages": [{"role": "user", "content": q}], "target": "A fine answer.", "others": ["No."]}
@@ -72,3 +72,6 @@ def test_greedy_repetition_is_measured_on_greedy_answers_past_n(smollm2_path: st
         want.append(out[:cut])
     assert repetition_rate(want) > 0.05  # SmolLM2 lists the same actor again and again: something to count
     assert greedy_repetition(model, ds, 64, batch_size=1) == pytest.approx(repetition_rate(want))
+    # the long row exists only past N = 8: at or below it the refined outputs' own row says it
+    assert long_repetition(model, ds, 64, batch_size=1) == pytest.approx(repetition_rate(want))
+    assert long_repetition(model, ds, 8) is None

@@ -150,22 +150,9 @@ def load_model_and_tokenizer(
     adapter works too. ``merge_adapter`` folds the adapter into the weights, so decoding costs
     what the base costs; ``False`` keeps the outermost adapter as a PEFT wrapper (to inspect it).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path, extra = resolve_model_path(name_or_path, gguf_file)
-    if _is_adapter_only(path):
-        base, tokenizer, _ = load_model_and_tokenizer(_adapter_base(path), device=device, dtype=dtype)
-        model = _with_adapter(base, path, merge=merge_adapter or adapter is not None)
-        tokenizer = _adapter_tokenizer(path) or tokenizer
-    else:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, **extra)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
-        except OSError as e:
-            raise ModelNotFoundError(
-                f"could not load refiner {name_or_path!r}: {e}. Give a local folder, a .gguf file, "
-                f"a reachable Hugging Face hub id, or a built-in name ({SMOLLM2_NAME!r}, {DIFFPO_NAME!r})"
-            ) from e
+    model = _load_weights(name_or_path, path, extra, dtype, merge=merge_adapter or adapter is not None)
+    tokenizer = _load_tokenizer(name_or_path, path, extra)
     if adapter is not None:
         if not (Path(adapter) / "adapter_config.json").is_file() and Path(adapter).exists():
             raise ModelNotFoundError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
@@ -179,15 +166,41 @@ def load_model_and_tokenizer(
 def load_tokenizer(name_or_path: str) -> Any:
     """The tokenizer alone, for a name resolved as ``load_model_and_tokenizer`` resolves it:
     to check that two models share a vocabulary before spending time on either's weights."""
+    path, extra = resolve_model_path(name_or_path)
+    return _load_tokenizer(name_or_path, path, extra)
+
+
+def _load_weights(name: str, path: str, extra: dict[str, Any], dtype: torch.dtype, *, merge: bool) -> Any:
+    """The model at a resolved path; an adapter-only folder goes on its base (merged there)."""
+    from transformers import AutoModelForCausalLM
+
+    if _is_adapter_only(path):
+        base = _adapter_base(path)
+        base_path, base_extra = resolve_model_path(base)
+        return _with_adapter(_load_weights(base, base_path, base_extra, dtype, merge=True), path, merge=merge)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
+    except OSError as e:
+        raise _not_found(name, e) from e
+
+
+def _load_tokenizer(name: str, path: str, extra: dict[str, Any]) -> Any:
+    """The tokenizer at a resolved path; an adapter-only folder's own, else its base's."""
     from transformers import AutoTokenizer
 
-    path, extra = resolve_model_path(name_or_path)
     if _is_adapter_only(path):
         return _adapter_tokenizer(path) or load_tokenizer(_adapter_base(path))
     try:
         return AutoTokenizer.from_pretrained(path, **extra)
     except OSError as e:
-        raise ModelNotFoundError(f"could not load the tokenizer of {name_or_path!r}: {e}") from e
+        raise _not_found(name, e) from e
+
+
+def _not_found(name: str, cause: OSError) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"could not load refiner {name!r}: {cause}. Give a local folder, a .gguf file, "
+        f"a reachable Hugging Face hub id, or a built-in name ({SMOLLM2_NAME!r}, {DIFFPO_NAME!r})"
+    )
 
 
 def _is_adapter_only(path: str) -> bool:

@@ -134,6 +134,13 @@ def greedy_repetition(model: Any, dataset: Any, new_tokens: int, batch_size: int
     return repetition_rate([[t for t in a if t not in dataset.stop_ids] for a in answers])
 
 
+def long_repetition(model: Any, dataset: Any, long_tokens: int, batch_size: int = 8,
+                    limit: int | None = None) -> float | None:
+    """``repetition_long``: :func:`greedy_repetition` at ``long_tokens``, measured only past N
+    (``None`` otherwise: at most N tokens, the refined outputs' own repetition says it)."""
+    return greedy_repetition(model, dataset, long_tokens, batch_size, limit) if long_tokens > dataset.n else None
+
+
 def evaluate_refiner(model: Any, tokenizer: Any, dataset: Any, *, draft_items: list[dict], block_size: int | str,
                      batch_size: int = 8, transfer_items: list[dict] | None = None, long_tokens: int = 0,
                      losses: dict[str, float] | None = None, **loss_kw: Any) -> dict[str, float]:
@@ -150,8 +157,9 @@ def evaluate_refiner(model: Any, tokenizer: Any, dataset: Any, *, draft_items: l
         out["guess_accuracy"] = losses["guess_accuracy"]
     drafts = refine_metrics(model, tokenizer, draft_items, dataset.n, block_size)
     out["repetition"] = drafts["repetition"]
-    if long_tokens > dataset.n:
-        out["repetition_long"] = greedy_repetition(model, dataset, long_tokens, batch_size)
+    long = long_repetition(model, dataset, long_tokens, batch_size)
+    if long is not None:
+        out["repetition_long"] = long
     out["passes_per_token_drafts"] = drafts["passes_per_token"]
     if transfer_items:
         out["passes_per_token_transfer"] = refine_metrics(model, tokenizer, transfer_items, dataset.n,
@@ -192,4 +200,4 @@ def write_table(out_dir: str | Path, columns: dict[str, dict[str, float]], extra
 
 
 __all__ = ["answer_scores", "evaluate_refiner", "format_table", "greedy_repetition", "heldout_losses",
-           "preference_accuracy", "refine_metrics", "repetition_rate", "write_table"]
+           "long_repetition", "preference_accuracy", "refine_metrics", "repetition_rate", "write_table"]

@@ -21,7 +21,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
 from ..engine import templating
-from .evaluate import greedy_repetition, heldout_losses, refine_metrics, repetition_rate
+from .evaluate import greedy_repetition, heldout_losses, long_repetition, refine_metrics, repetition_rate
 from .loss import answer_mask, diffpo_loss, frontier_rows, pad_answer
 from .recipes import CHOICES, DEFAULT_RECIPE, check_choice, recipe_values
 from .reference import as_model, frozen_copy, prepare_reference, reference_model
@@ -434,9 +434,11 @@ class DiffPOTrainer(Trainer):
             metrics["passes_per_token_drafts"] = refined["passes_per_token"]
         elif k:  # no tokenizer for the engine: the greedy answers themselves
             metrics["repetition"] = greedy_repetition(model, ds, ds.n, self.args.per_device_eval_batch_size, limit=k)
-        if k and self.args.guard_long_repetition_tolerance is not None and self.args.eval_long_tokens > ds.n:
-            metrics["repetition_long"] = greedy_repetition(model, ds, self.args.eval_long_tokens,
-                                                           self.args.per_device_eval_batch_size, limit=k)
+        long = None
+        if k and self.args.guard_long_repetition_tolerance is not None:
+            long = long_repetition(model, ds, self.args.eval_long_tokens, self.args.per_device_eval_batch_size, limit=k)
+        if long is not None:
+            metrics["repetition_long"] = long
         return metrics
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> dict[str, float]:
