@@ -51,8 +51,8 @@ def test_stacked_card_is_written_from_both_runs(tiny_llama_dir: str, tmp_path: P
     import json
 
     from diffpo_sdk.train.__main__ import main as train
+    from diffpo_sdk.train.card import refiner_card
     from diffpo_sdk.train.stack import main as stack
-    from diffpo_sdk.train.stack import stacked_model_card
 
     data = tmp_path / "traj.jsonl"
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Question {i}: name a colour."}],
@@ -84,11 +84,13 @@ def test_stacked_card_is_written_from_both_runs(tiny_llama_dir: str, tmp_path: P
     # column still gives the comparison; without it, no mixed one
     runs[0]["block_size"] = 24
     (tmp_path / "one" / "eval_results.json").write_text(json.dumps(runs[0]))
-    assert row in stacked_model_card(tmp_path / "one", tmp_path / "two", "tiny-diffpo", "tiny", 8)
+    both = [tmp_path / "one", tmp_path / "two"]
+    assert row in refiner_card("tiny-diffpo", "tiny", "stacked", tmp_path / "two", both)
     del runs[1]["columns"]["base"]
     (tmp_path / "two" / "eval_results.json").write_text(json.dumps(runs[1]))
-    mixed = stacked_model_card(tmp_path / "one", tmp_path / "two", "tiny-diffpo", "tiny", 8)
-    assert "Against the base" not in mixed and "measured at block size N = 24 and run 2 at N = 8" in mixed
+    mixed = refiner_card("tiny-diffpo", "tiny", "stacked", tmp_path / "two", both)
+    assert "Against the base" not in mixed and "measured at block size N = 8 without the base" in mixed
+    assert "run 1 at N = 24" in mixed
 
 
 def test_base_column_needs_the_same_tokenizer(tiny_llama_dir: str, tmp_path: Path) -> None:

@@ -215,6 +215,28 @@ def evaluate_base(name: str, dtype: str, tok: Any, dataset: Any, evaluate_kw: di
     return evaluate_refiner(base, tok, dataset, **evaluate_kw)
 
 
+def final_table_kwargs(cfg: Any, eval_ds: Any) -> dict[str, Any]:
+    """What ``evaluate_refiner`` measures every column of the final table on: the held-out
+    drafts, the transfer drafts (``--transfer-eval-data``), the block size and the losses' options."""
+    from .data import load_trajectories
+    from .trainer import draft_items, loss_kwargs
+
+    block: int | str = (cfg.max_response_tokens if cfg.eval_block_size == "full"
+                        else parse_block_size(cfg.eval_block_size))
+    kw: dict[str, Any] = dict(draft_items=eval_ds.draft_items(), block_size=block,
+                              batch_size=cfg.per_device_eval_batch_size, long_tokens=cfg.eval_long_tokens,
+                              **loss_kwargs(cfg))
+    if cfg.transfer_eval_data:
+        kw["transfer_items"] = draft_items(load_trajectories(cfg.transfer_eval_data)[: cfg.max_eval_prompts])
+    return kw
+
+
+def table_facts(cfg: Any, evaluate_kw: dict[str, Any], torch: Any) -> dict[str, Any]:
+    """What a written table records beside its columns, for a model card to cite."""
+    return {"block_size": evaluate_kw["block_size"], "long_tokens": cfg.eval_long_tokens, "model": cfg.model,
+            "date": time.strftime("%Y-%m-%d"), "device": device_name(torch)}
+
+
 def first_step_logger(start: float) -> Any:
     """A callback that logs when the first optimizer step is done, counted from ``start``."""
     from transformers import TrainerCallback
@@ -238,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .evaluate import evaluate_refiner, write_table
     from .reference import as_model
-    from .trainer import DiffPOTrainer, draft_items, loss_kwargs
+    from .trainer import DiffPOTrainer
 
     if os.environ.get("DIFFPO_TRAIN_THREADS"):
         torch.set_num_threads(int(os.environ["DIFFPO_TRAIN_THREADS"]))
@@ -251,22 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     train_ds, eval_ds, generator = build_datasets(cfg, model, tok)
     log.info("%d training prompts, %d held out, source=%s", len(train_ds), len(eval_ds), cfg.trajectory_source)
 
-    block: int | str = (cfg.max_response_tokens if cfg.eval_block_size == "full"
-                        else parse_block_size(cfg.eval_block_size))
-    loss_kw = loss_kwargs(cfg)
     columns: dict[str, dict[str, float]] = {}
     resume = cfg.resume_from_checkpoint
     if resume in ("true", "True", "last"):
         resume = get_last_checkpoint(cfg.output_dir)
     eval_path = Path(cfg.output_dir) / "eval_before.json"
-    evaluate_kw: dict[str, Any] = dict(draft_items=eval_ds.draft_items(), block_size=block,
-                                       batch_size=cfg.per_device_eval_batch_size, long_tokens=cfg.eval_long_tokens,
-                                       **loss_kw)
-    if cfg.transfer_eval_data:
-        from .data import load_trajectories
-
-        transfer = load_trajectories(cfg.transfer_eval_data)[: cfg.max_eval_prompts]
-        evaluate_kw["transfer_items"] = draft_items(transfer)
+    evaluate_kw = final_table_kwargs(cfg, eval_ds)
 
     def measure_before(untrained: Any, losses: dict[str, float] | None = None) -> None:
         t0 = time.time()
@@ -303,10 +315,8 @@ def main(argv: list[str] | None = None) -> int:
             columns = {"base": evaluate_base(cfg.eval_base_model, cfg.model_dtype, tok, eval_ds, evaluate_kw,
                                              device=next(trainer.model.parameters()).device), **columns}
         table = write_table(cfg.output_dir, columns, {"train_seconds": train_s, "steps": trainer.state.global_step,
-                                                       "block_size": block, "guard": trainer.guard_tripped,
-                                                       "long_tokens": cfg.eval_long_tokens, "recipe": cfg.recipe,
-                                                       "model": cfg.model, "date": time.strftime("%Y-%m-%d"),
-                                                       "device": device_name(torch)})
+                                                       "guard": trainer.guard_tripped, "recipe": cfg.recipe,
+                                                       **table_facts(cfg, evaluate_kw, torch)})
         print("\n" + table + "\n")
     trainer.model_card = model_card(cfg, table, trainer.guard_tripped)
     if trainer.is_world_process_zero():

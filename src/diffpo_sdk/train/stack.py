@@ -3,7 +3,7 @@
 A second run started from ``--model <first adapter>`` trains its own adapter on the merged
 weights W0 + s1·B1·A1, so the model it ends with is W0 + s1·B1·A1 + s2·B2·A2. That sum is
 exactly one LoRA of rank r1 + r2: A = [A1; A2], B = [s1·B1, s2·B2] with scaling 1. This is
-how a two-stage recipe ships as a single adapter (the built-in ``smollm2-135m-diffpo``).
+how a two-stage LoRA recipe ships as a single adapter (a full fine-tune ships through ``train.extract``).
 """
 
 from __future__ import annotations
@@ -14,10 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .evaluate import LABELS, format_table
+from .card import refiner_card
 
-LOOP_TOLERANCE = 0.05  # a rise in long-answer repetition the card reports (the built-in's guard tolerance)
-MINUS = "\u2212"
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 
@@ -65,62 +63,6 @@ def stack_adapters(first: str | Path, second: str | Path, out: str | Path, base:
     return out
 
 
-def stacked_model_card(first: str | Path, second: str | Path, name: str, base: str, rank: int,
-                       command: str | None = None) -> str:
-    """A model card for the stacked adapter, written only from what the two runs measured.
-
-    Both stages' ``eval_results.json`` give their tables. The second's "after" (the stacked
-    refiner) is compared against the base: the second run's own `base` column when it measured
-    one (``--eval-base-model``), else the first run's "before" when both ran at one block size.
-    A rise of repeated 3-grams in longer answers is said."""
-    runs = [json.loads((Path(p) / "eval_results.json").read_text()) for p in (first, second)]
-    lines = ["---", f"base_model: {base}", "library_name: peft", "tags: [diffpo, refiner]", "---", "",
-             f"# {name}", "", f"A DiffPO refiner: a rank-{rank} LoRA on {base}, two training runs stacked "
-             f'exactly into one adapter. Load it with `RefinerEngine.from_pretrained("{name}")`.']
-    if command:
-        lines += ["", f"Built by `{command}`."]
-    final_cols = runs[1]["columns"]["after"]
-    # the base measured by run 2 itself (--eval-base-model), else run 1's starting model at one N
-    base_cols = runs[1]["columns"].get("base")
-    if base_cols is None and runs[0].get("block_size") == runs[1].get("block_size"):
-        base_cols = runs[0]["columns"]["before"]
-    if base_cols is not None:
-        lines += ["", f"## Against the base model (block size N = {runs[1].get('block_size')})", "",
-                  f"| measure | base | {name} | change |", "|---|---:|---:|---:|"]
-        for key, label in LABELS.items():
-            if key in base_cols and key in final_cols:
-                b, a = base_cols[key], final_cols[key]
-                change = f"{(a - b) / b:+.1%}" if key.startswith("passes_per_token") and b else f"{a - b:+.3f}"
-                lines.append(f"| {label} | {b:.3f} | {a:.3f} | {change.replace('-', MINUS)} |")
-        lines += ["", "On the held-out prompts of the runs' data (prompts neither run trained on): L_AR on their "
-                  "preferred answers; passes/token refining their lower-ranked answers as drafts (1.0: one "
-                  "token per pass) and, for \"another source\", the drafts of `--transfer-eval-data`, a "
-                  "source neither run trained on; preference accuracy: how often the preferred answer scores "
-                  "above a lower-ranked one. The refiner's output equals greedy decoding of base plus adapter."]
-        longs = (base_cols.get("repetition_long"), final_cols.get("repetition_long"))
-        if None not in longs and longs[1] - longs[0] > LOOP_TOLERANCE:
-            lines += ["", f"**Known limitation.** In greedy answers of {runs[1].get('long_tokens')} tokens, "
-                      f"repeated 3-grams rise from {longs[0]:.3f} (base) to {longs[1]:.3f}: past the answer "
-                      "length it trained on, it loops more than its base."]
-    else:
-        lines += ["", f"Run 1 was measured at block size N = {runs[0].get('block_size')} and run 2 at "
-                  f"N = {runs[1].get('block_size')} without the base (`--eval-base-model`), so this card has "
-                  "no comparison against the base at one block size: each run's table compares it with the "
-                  "model it started from."]
-    for i, run in enumerate(runs, 1):
-        guard = run.get("guard")
-        stop = (f". The collapse guard fired ({guard.rstrip('.')}) and kept the last weights that passed"
-                if guard else "")
-        start = run.get("model", "?")
-        # run 2 starts from run 1's output folder: named as such, not by a path of the build machine
-        start = "run 1's model" if i == 2 and Path(start).resolve() == Path(first).resolve() else f"`{start}`"
-        lines += ["", f"## Run {i}: recipe `{run.get('recipe', '?')}` from {start} (before = its starting model)", "",
-                  f"{run.get('steps', '?')} steps, {run.get('train_seconds', 0):.0f} s of training on "
-                  f"{run.get('device', '?')}, {run.get('date', '?')}, block size N = {run.get('block_size')}{stop}.",
-                  "", format_table(run["columns"])]
-    return "\n".join(lines) + "\n"
-
-
 def _targets(cfg: dict) -> list[str]:
     t = cfg.get("target_modules") or []
     return [t] if isinstance(t, str) else list(t)
@@ -141,10 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--command", default=None, help="the command that built it, for the card")
     args = p.parse_args(argv)
     out = stack_adapters(args.first, args.second, args.out, args.base, getattr(torch, args.dtype))
-    if args.card:
+    if args.card:  # stacking is exact: the second run's final table measured this very adapter
         cfg = json.loads((out / CONFIG).read_text())
-        card = stacked_model_card(args.first, args.second, args.card, cfg.get("base_model_name_or_path", "?"),
-                                  cfg["r"], args.command)
+        base = cfg.get("base_model_name_or_path", "?")
+        made = f"a rank-{cfg['r']} LoRA on {base}, two training runs stacked exactly into one adapter"
+        card = refiner_card(args.card, base, made, args.second, [args.first, args.second], args.command)
         (out / "README.md").write_text(card)
     print(f"stacked adapter: {out}")
     return 0
