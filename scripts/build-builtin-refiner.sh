@@ -44,7 +44,7 @@ rm -f "$OUT"/tokenizer* "$OUT"/chat_template.jinja
 $PY -m diffpo_sdk.train.measure "${COMMON[@]}" --model "$OUT" --eval-base-model smollm2-135m-instruct \
     --output-dir "$RUNS/measured"
 $PY -m diffpo_sdk.train.card "$OUT" --name smollm2-135m-diffpo --measured "$RUNS/measured" --runs "$RUNS/sft" \
-    "$RUNS/sft-fast" --command "bash scripts/build-builtin-refiner.sh" --made "a rank-32 LoRA on \
-smollm2-135m-instruct: the truncated SVD (\`train.extract\`) of the change its two training runs made, an \
-\`sft\` LoRA and then a \`fast\` full fine-tune; the table below measured this adapter itself"
+    "$RUNS/sft-fast" --command "bash scripts/build-builtin-refiner.sh" --made "the truncated SVD \
+(\`train.extract\`) of the change its two training runs made, an \`sft\` LoRA and then a \`fast\` full \
+fine-tune; the table below measured this adapter itself"
 du -sh "$OUT"

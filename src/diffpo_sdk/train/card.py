@@ -16,14 +16,10 @@ import argparse
 import json
 from pathlib import Path
 
-from .evaluate import LABELS, format_table
+from .evaluate import LABELS, format_table, read_results
 
 LOOP_TOLERANCE = 0.05  # a rise in long-answer repetition the card reports (the built-in's guard tolerance)
 MINUS = "\u2212"
-
-
-def read_results(folder: str | Path) -> dict:
-    return json.loads((Path(folder) / "eval_results.json").read_text())
 
 
 def refiner_card(name: str, base: str, made: str, measured: str | Path, runs: list[str | Path],
@@ -82,21 +78,30 @@ def refiner_card(name: str, base: str, made: str, measured: str | Path, runs: li
     return "\n".join(lines) + "\n"
 
 
+def write_card(out: str | Path, name: str, measured: str | Path, runs: list[str | Path], how: str,
+               command: str | None = None) -> Path:
+    """Write ``out/README.md`` for the adapter in ``out``: its rank and base from its own
+    config, ``how`` the runs became it (a phrase), the tables from ``measured`` and ``runs``."""
+    out = Path(out)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    base = cfg.get("base_model_name_or_path", "?")
+    made = f"a rank-{cfg['r']} LoRA on {base}, {how}"
+    (out / "README.md").write_text(refiner_card(name, base, made, measured, runs, command))
+    return out / "README.md"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m diffpo_sdk.train.card", description=__doc__.split("\n")[0])
     p.add_argument("out", help="the adapter folder: its README.md is written, its adapter_config.json read")
     p.add_argument("--name", required=True, help="the refiner's name, as it loads")
     p.add_argument("--measured", required=True, help="the folder of the eval_results.json that measured this refiner")
     p.add_argument("--runs", nargs="+", required=True, help="the training runs' output folders, in order")
-    p.add_argument("--made", default=None, help="how the runs became it, a phrase (default: from the adapter's rank)")
+    p.add_argument("--made", default="made by the training runs below",
+                   help="how the runs became it, a phrase after 'a rank-R LoRA on BASE,'")
     p.add_argument("--command", default=None, help="the command that built it")
     args = p.parse_args(argv)
-    cfg = json.loads((Path(args.out) / "adapter_config.json").read_text())
-    base = cfg.get("base_model_name_or_path", "?")
-    made = args.made or f"a rank-{cfg['r']} LoRA on {base}, made by the training runs below"
-    card = refiner_card(args.name, base, made, args.measured, args.runs, args.command)
-    (Path(args.out) / "README.md").write_text(card)
-    print(f"model card: {Path(args.out) / 'README.md'}")
+    path = write_card(args.out, args.name, args.measured, args.runs, args.made, args.command)
+    print(f"model card: {path}")
     return 0
 
 

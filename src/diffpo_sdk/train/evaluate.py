@@ -157,8 +157,7 @@ def evaluate_refiner(model: Any, tokenizer: Any, dataset: Any, *, draft_items: l
         out["guess_accuracy"] = losses["guess_accuracy"]
     drafts = refine_metrics(model, tokenizer, draft_items, dataset.n, block_size)
     out["repetition"] = drafts["repetition"]
-    long = long_repetition(model, dataset, long_tokens, batch_size)
-    if long is not None:
+    if (long := long_repetition(model, dataset, long_tokens, batch_size)) is not None:
         out["repetition_long"] = long
     out["passes_per_token_drafts"] = drafts["passes_per_token"]
     if transfer_items:
@@ -190,14 +189,22 @@ def format_table(columns: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+RESULTS = "eval_results.json"
+
+
 def write_table(out_dir: str | Path, columns: dict[str, dict[str, float]], extra: dict | None = None) -> str:
     table = format_table(columns)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval_results.json").write_text(json.dumps({"columns": columns, **(extra or {})}, indent=2))
+    (out / RESULTS).write_text(json.dumps({"columns": columns, **(extra or {})}, indent=2))
     (out / "eval_results.md").write_text(table + "\n")
     return table
 
 
+def read_results(out_dir: str | Path) -> dict[str, Any]:
+    """What :func:`write_table` wrote in ``out_dir``: the columns and the facts beside them."""
+    return json.loads((Path(out_dir) / RESULTS).read_text())
+
+
 __all__ = ["answer_scores", "evaluate_refiner", "format_table", "greedy_repetition", "heldout_losses",
-           "long_repetition", "preference_accuracy", "refine_metrics", "repetition_rate", "write_table"]
+           "long_repetition", "preference_accuracy", "read_results", "refine_metrics", "repetition_rate", "write_table"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .card import refiner_card
+from .card import write_card
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -84,11 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = stack_adapters(args.first, args.second, args.out, args.base, getattr(torch, args.dtype))
     if args.card:  # stacking is exact: the second run's final table measured this very adapter
-        cfg = json.loads((out / CONFIG).read_text())
-        base = cfg.get("base_model_name_or_path", "?")
-        made = f"a rank-{cfg['r']} LoRA on {base}, two training runs stacked exactly into one adapter"
-        card = refiner_card(args.card, base, made, args.second, [args.first, args.second], args.command)
-        (out / "README.md").write_text(card)
+        write_card(out, args.card, args.second, [args.first, args.second],
+                   "two training runs stacked exactly into one adapter", args.command)
     print(f"stacked adapter: {out}")
     return 0
 

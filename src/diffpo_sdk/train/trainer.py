@@ -434,11 +434,10 @@ class DiffPOTrainer(Trainer):
             metrics["passes_per_token_drafts"] = refined["passes_per_token"]
         elif k:  # no tokenizer for the engine: the greedy answers themselves
             metrics["repetition"] = greedy_repetition(model, ds, ds.n, self.args.per_device_eval_batch_size, limit=k)
-        long = None
         if k and self.args.guard_long_repetition_tolerance is not None:
             long = long_repetition(model, ds, self.args.eval_long_tokens, self.args.per_device_eval_batch_size, limit=k)
-        if long is not None:
-            metrics["repetition_long"] = long
+            if long is not None:
+                metrics["repetition_long"] = long
         return metrics
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> dict[str, float]:
