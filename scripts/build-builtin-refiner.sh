@@ -37,10 +37,9 @@ COMMON=(--data "$RUNS/traj.jsonl" --transfer-eval-data "$RUNS/hh32.jsonl" --max-
     --guard-ar-tolerance 0.2 --guard-repetition-tolerance 0.08 --eval-base-model smollm2-135m-instruct \
     --output-dir "$RUNS/sft-fast"
 rm -rf "$OUT"
-# one rank-32 adapter (float16, under 20 MB) on the untrained weights; no tokenizer ships with it:
-# it is the base model's
+# one rank-32 adapter (float16, under 20 MB) on the untrained weights; the tokenizer is the base
+# model's, so extract ships none
 $PY -m diffpo_sdk.train.extract "$RUNS/sft-fast" "$OUT" --base smollm2-135m-instruct --rank 32
-rm -f "$OUT"/tokenizer* "$OUT"/chat_template.jinja
 $PY -m diffpo_sdk.train.measure "${COMMON[@]}" --model "$OUT" --eval-base-model smollm2-135m-instruct \
     --output-dir "$RUNS/measured"
 $PY -m diffpo_sdk.train.card "$OUT" --name smollm2-135m-diffpo --measured "$RUNS/measured" --runs "$RUNS/sft" \

@@ -65,9 +65,24 @@ def test_changes_outside_linear_layers_are_reported_dropped(tiny_llama_dir: str,
     assert main([str(tuned), str(tmp_path / "lora"), "--base", tiny_llama_dir, "--rank", "1"]) == 0
     out = capsys.readouterr().out
     assert "100.0 % of the linear layers' change kept" in out and "model.norm.weight" in out
-    # the folder loads by path in the engine's loader, on the base it names, with its own tokenizer
+    # the folder loads by path in the engine's loader, on the base it names, with the base's tokenizer
+    assert not list((tmp_path / "lora").glob("tokenizer*")) and "tokenizer, unchanged" in out
     model, tok, _ = load_model_and_tokenizer(str(tmp_path / "lora"), device=torch.device("cpu"), dtype=torch.float32)
-    assert (tmp_path / "lora" / "tokenizer.json").is_file() and tok.get_vocab() == AutoTokenizer.from_pretrained(
-        tiny_llama_dir).get_vocab()
+    assert tok.get_vocab() == AutoTokenizer.from_pretrained(tiny_llama_dir).get_vocab()
     ids = torch.tensor([[1, 5, 9, 200, 17, 4]])
     assert (logits(model, ids) - logits(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), ids)).abs().max() > 1e-2
+
+
+def test_a_changed_tokenizer_ships_with_the_adapter(tiny_llama_dir: str, tmp_path: Path, capsys) -> None:
+    from transformers import AutoTokenizer
+
+    from diffpo_sdk.engine.loading import load_tokenizer
+    from diffpo_sdk.train.extract import main
+
+    tuned = tuned_copy(tiny_llama_dir, tmp_path / "tuned", rank=1)
+    tok = AutoTokenizer.from_pretrained(tuned)
+    tok.add_special_tokens({"additional_special_tokens": ["<refine>"]})
+    tok.save_pretrained(tuned)
+    assert main([str(tuned), str(tmp_path / "lora"), "--base", tiny_llama_dir, "--rank", "1"]) == 0
+    assert "tokenizer files that differ from the base's: " in capsys.readouterr().out
+    assert "<refine>" in load_tokenizer(str(tmp_path / "lora")).get_vocab()

@@ -74,6 +74,20 @@ def extract_lora(tuned: str | Path, base: str | Path, out: str | Path, rank: int
     return Extraction(rank, kept / total if total else 1.0, dropped, (out / WEIGHTS).stat().st_size)
 
 
+def copy_tokenizer_changes(tuned: str | Path, base: str | Path, out: str | Path) -> list[str]:
+    """Copy the tuned model's tokenizer files that differ from the base's into ``out``.
+
+    The engine loads an adapter's own tokenizer when it has one, else its base's; an unchanged
+    tokenizer is left out so the adapter stays small. Returns the names copied."""
+    copied = []
+    for f in sorted([*Path(tuned).glob("tokenizer*"), *Path(tuned).glob("chat_template.jinja")]):
+        same = Path(base, f.name)
+        if not (same.is_file() and same.read_bytes() == f.read_bytes()):
+            shutil.copy2(f, out)
+            copied.append(f.name)
+    return copied
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m diffpo_sdk.train.extract", description=__doc__.split("\n\n")[0])
     parser.add_argument("tuned", help="the fully fine-tuned model folder (what the trainer writes without --lora-r)")
@@ -85,10 +99,10 @@ def main(argv: list[str] | None = None) -> int:
 
     base_folder, _ = resolve_model_path(args.base)
     done = extract_lora(args.tuned, base_folder, args.out, args.rank, base_name=args.base)
-    for f in [*Path(args.tuned).glob("tokenizer*"), *Path(args.tuned).glob("chat_template.jinja")]:
-        shutil.copy2(f, args.out)  # the engine loads an adapter's own tokenizer when it has one
+    copied = copy_tokenizer_changes(args.tuned, base_folder, args.out)
     print(f"rank {done.rank}: {100 * done.energy_kept:.1f} % of the linear layers' change kept, "
-          f"{done.size_bytes / 1e6:.1f} MB")
+          f"{done.size_bytes / 1e6:.1f} MB; " + (f"tokenizer files that differ from the base's: {', '.join(copied)}"
+                                                  if copied else "the base's tokenizer, unchanged"))
     if done.dropped:
         print("changes a LoRA of linear layers cannot carry (dropped): "
               + ", ".join(f"{k} ({v:.3g})" for k, v in sorted(done.dropped.items(), key=lambda kv: -kv[1])[:5])
