@@ -4,12 +4,13 @@
 # Two training stages on the built-in SmolLM2-135M-Instruct (docs/training.md, "Built-in trained
 # refiner"): 1000 steps of the `sft` recipe as a LoRA (r = 8) on the preferred answers cut to 96
 # tokens (longer answers than the refiner's N = 32 blocks: it loops less past N), then 650 steps
-# of the `fast` recipe as a full fine-tune at N = 32 started from that model (lr 2e-5, hold
+# of the `fast` recipe as a full fine-tune at N = 32 started from that model (lr 4e-5, hold
 # weight 10), whose KL hold keeps the SFT'd model's distribution (not the untrained one's); its
 # collapse guards stop it if held-out L_AR rises 0.2 above stage 1's or repetition 0.08. A LoRA of
 # the full fine-tune's reach is what makes the speed carry over to other sources' drafts. Stage 2
 # also measures the untrained model at its N = 32 (--eval-base-model). The change both stages made
-# is then extracted into one rank-32 LoRA (truncated SVD, train.extract) in
+# is then extracted into one rank-32 LoRA of the linear layers plus a rank-3 LoRA of the token
+# embedding, tied to the output head as the model ties them (truncated SVD, train.extract), in
 # src/diffpo_sdk/models/smollm2-135m-diffpo, that adapter itself is measured on the same held-out
 # prompts (train.measure), and its card is written from that table and both runs' (train.card):
 # held-out AlpacaEval prompts, and HH-RLHF drafts the runs never trained on.
@@ -33,13 +34,13 @@ COMMON=(--data "$RUNS/traj.jsonl" --transfer-eval-data "$RUNS/hh32.jsonl" --max-
 [ -f "$RUNS/sft/eval_results.json" ] || $PY -m diffpo_sdk.train "${COMMON[@]}" --model smollm2-135m-instruct --recipe sft --max-steps 1000 \
     --max-response-tokens 96 --eval-strategy no --guard false --output-dir "$RUNS/sft"
 [ -f "$RUNS/sft-fast/eval_results.json" ] || $PY -m diffpo_sdk.train "${COMMON[@]}" --model "$RUNS/sft" \
-    --recipe fast --lora-r 0 --learning-rate 2e-5 --fixed-point-weight 10 --max-steps 650 --eval-steps 130 \
+    --recipe fast --lora-r 0 --learning-rate 4e-5 --fixed-point-weight 10 --max-steps 650 --eval-steps 130 \
     --guard-ar-tolerance 0.2 --guard-repetition-tolerance 0.08 --eval-base-model smollm2-135m-instruct \
     --output-dir "$RUNS/sft-fast"
 rm -rf "$OUT"
-# one rank-32 adapter (float16, under 20 MB) on the untrained weights; the tokenizer is the base
-# model's, so extract ships none
-$PY -m diffpo_sdk.train.extract "$RUNS/sft-fast" "$OUT" --base smollm2-135m-instruct --rank 32
+# one adapter (float16, under 20 MB) on the untrained weights; the tokenizer is the base model's,
+# so extract ships none
+$PY -m diffpo_sdk.train.extract "$RUNS/sft-fast" "$OUT" --base smollm2-135m-instruct --rank 32 --embedding-rank 3
 $PY -m diffpo_sdk.train.measure "${COMMON[@]}" --model "$OUT" --eval-base-model smollm2-135m-instruct \
     --output-dir "$RUNS/measured"
 $PY -m diffpo_sdk.train.card "$OUT" --name smollm2-135m-diffpo --measured "$RUNS/measured" --runs "$RUNS/sft" \

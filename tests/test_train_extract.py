@@ -3,6 +3,7 @@ model's logits when the change has the adapter's rank, and says what it cannot c
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,43 @@ def test_a_changed_tokenizer_ships_with_the_adapter(tiny_llama_dir: str, tmp_pat
     assert main([str(tuned), str(tmp_path / "lora"), "--base", tiny_llama_dir, "--rank", "1"]) == 0
     assert "tokenizer files that differ from the base's: " in capsys.readouterr().out
     assert "<refine>" in load_tokenizer(str(tmp_path / "lora")).get_vocab()
+
+
+def test_an_embedding_change_rides_on_a_tied_embedding_lora(tiny_llama_dir: str, tmp_path: Path, capsys) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from diffpo_sdk.engine.loading import load_model_and_tokenizer
+    from diffpo_sdk.train.extract import extract_lora, main
+
+    tuned = tuned_copy(tiny_llama_dir, tmp_path / "tuned", rank=1)
+    model = AutoModelForCausalLM.from_pretrained(tuned, dtype=torch.float32)
+    assert model.config.tie_word_embeddings
+    emb = model.get_input_embeddings().weight
+    with torch.no_grad():  # a rank-2 change of the tied matrix: input embedding and output head alike
+        emb += 0.05 * torch.randn(emb.shape[0], 2) @ torch.randn(2, emb.shape[1])
+    model.save_pretrained(tuned)
+    ids = torch.tensor([[1, 5, 9, 200, 17, 4]])
+    want = logits(AutoModelForCausalLM.from_pretrained(tuned, dtype=torch.float32), ids)
+    load = lambda p: load_model_and_tokenizer(str(p), device=torch.device("cpu"), dtype=torch.float32)[0]  # noqa: E731
+    # without it the embedding's change is dropped (and said so)
+    assert main([str(tuned), str(tmp_path / "lora"), "--base", tiny_llama_dir, "--rank", "1"]) == 0
+    assert "model.embed_tokens.weight" in capsys.readouterr().out
+    assert (logits(load(tmp_path / "lora"), ids) - want).abs().max() > 1e-2
+    assert main([str(tuned), str(tmp_path / "lora-e"), "--base", tiny_llama_dir, "--rank", "1",
+                 "--embedding-rank", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "rank 2: 100.0 % of the embedding's" in out and "embed_tokens" not in out
+    # with it, the adapter gives the tuned logits: on the base as peft applies it, and merged by the
+    # engine's loader (which must not add the tied change twice), and the merged head stays tied
+    extract_lora(tuned, tiny_llama_dir, tmp_path / "lora-f", rank=1, embedding_rank=2, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    torch.testing.assert_close(logits(PeftModel.from_pretrained(base, tmp_path / "lora-f"), ids), want,
+                               rtol=1e-4, atol=1e-4)
+    with warnings.catch_warnings(record=True) as seen:  # nor warns of keys it does not need
+        warnings.simplefilter("always")
+        merged = load(tmp_path / "lora-f")
+    assert not [str(w.message)[:300] for w in seen if "adapter keys" in str(w.message) or "tie_word" in str(w.message)]
+    torch.testing.assert_close(logits(merged, ids), want, rtol=1e-4, atol=1e-4)
+    assert merged.get_output_embeddings().weight is merged.get_input_embeddings().weight
+    assert merged.config.tie_word_embeddings

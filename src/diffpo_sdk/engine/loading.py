@@ -13,6 +13,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -207,11 +208,35 @@ def _is_adapter_only(path: str) -> bool:
     return (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file()
 
 
+TIED_HEAD_KEYS_MISSING = (r"Found missing adapter keys while loading the checkpoint: "
+                          r"\['base_model\.model\.lm_head\.lora_A\.\w+\.weight', "
+                          r"'base_model\.model\.lm_head\.lora_B\.\w+\.weight'\]")
+
+
 def _with_adapter(model: Any, adapter: str, *, merge: bool) -> Any:
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(model, adapter)
-    return model.merge_and_unload() if merge else model
+    with warnings.catch_warnings():  # a head tied to an embedding LoRA shares its weights: none are saved
+        warnings.filterwarnings("ignore", message=TIED_HEAD_KEYS_MISSING)
+        model = PeftModel.from_pretrained(model, adapter)
+    if not merge:
+        return model
+    head = getattr(model.get_output_embeddings(), "base_layer", None)
+    embedding = getattr(model.get_input_embeddings(), "base_layer", None)
+    tied = any(getattr(c, "ensure_weight_tying", False) for c in model.peft_config.values()) and \
+        head is not None and embedding is not None and head.weight is embedding.weight
+    if tied:
+        # an embedding LoRA tied to the output head would be merged twice into the one shared matrix:
+        # merge each into its own copy, then share one again (they are equal)
+        head.weight = torch.nn.Parameter(head.weight.detach().clone())
+    with warnings.catch_warnings():  # peft's advice for tied weights (merge into a clone) is what this does
+        warnings.filterwarnings("ignore", message="Model with `tie_word_embeddings=True`")
+        warnings.filterwarnings("ignore", message="Input and output embeddings are no longer tied")
+        merged = model.merge_and_unload()
+    if tied:
+        merged.get_output_embeddings().weight = merged.get_input_embeddings().weight
+        merged.config.tie_word_embeddings = True
+    return merged
 
 
 def _adapter_tokenizer(adapter: str) -> Any | None:

@@ -85,7 +85,10 @@ def write_card(out: str | Path, name: str, measured: str | Path, runs: list[str 
     out = Path(out)
     cfg = json.loads((out / "adapter_config.json").read_text())
     base = cfg.get("base_model_name_or_path", "?")
-    made = f"a rank-{cfg['r']} LoRA on {base}, {how}"
+    embedding = (cfg.get("rank_pattern") or {}).get("embed_tokens")
+    tied = ", tied to the output head" if cfg.get("ensure_weight_tying") else ""
+    also = f" (and rank {embedding} on the token embedding{tied})" if embedding else ""
+    made = f"a rank-{cfg['r']} LoRA{also} on {base}, {how}"
     (out / "README.md").write_text(refiner_card(name, base, made, measured, runs, command))
     return out / "README.md"
 
