@@ -51,6 +51,13 @@ def model_weights(folder: str | Path) -> dict[str, torch.Tensor]:
     return {k: v for f in files for k, v in load_file(str(f)).items()}
 
 
+def low_rank(change: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """``(U_r S_r, Vh_r, kept, total)``: the best rank-``rank`` factors of ``change`` and the
+    squared singular values they keep out of all of them."""
+    u, s, vh = torch.linalg.svd(change, full_matrices=False)
+    return u[:, :rank] * s[:rank], vh[:rank], float((s[:rank] ** 2).sum()), float((s ** 2).sum())
+
+
 def extract_lora(tuned: str | Path, base: str | Path, out: str | Path, rank: int, *, base_name: str | None = None,
                  dtype: torch.dtype = torch.float16, targets: tuple[str, ...] = LINEAR_TARGETS,
                  embedding_rank: int = 0) -> Extraction:
@@ -61,40 +68,36 @@ def extract_lora(tuned: str | Path, base: str | Path, out: str | Path, rank: int
     adapter: dict[str, torch.Tensor] = {}
     kept = total = 0.0
     dropped: dict[str, float] = {}
-    embedding: str | None = None
     embedding_kept = None
     for name, weight in sorted(tuned_w.items()):
         if name not in base_w:
             raise ValueError(f"{name} is not in the base model: not a fine-tune of it")
         change = weight.double() - base_w[name].double()  # float64: the SVD adds no error of its own
         module, _, kind = name.rpartition(".")
-        leaf = module.rpartition(".")[2]
+        leaf, key = module.rpartition(".")[2], f"base_model.model.{module}"
         if kind == "weight" and leaf == EMBEDDING and embedding_rank > 0:
             # peft's embedding LoRA adds (B @ A)^T with A: (r, vocab) and B: (hidden, r)
-            u, s, vh = torch.linalg.svd(change, full_matrices=False)
-            key, embedding = f"base_model.model.{module}", module
-            embedding_kept = float((s[:embedding_rank] ** 2).sum() / (s ** 2).sum().clamp_min(1e-30))
-            adapter[f"{key}.lora_embedding_A"] = (u[:, :embedding_rank] * s[:embedding_rank]).T.to(dtype).contiguous()
-            adapter[f"{key}.lora_embedding_B"] = vh[:embedding_rank].T.to(dtype).contiguous()
-            continue
-        if kind != "weight" or leaf not in targets:
-            if change.abs().max() > 0:
-                dropped[name] = float(change.norm())
-            continue
-        u, s, vh = torch.linalg.svd(change, full_matrices=False)
-        kept += float((s[:rank] ** 2).sum())
-        total += float((s ** 2).sum())
-        key = f"base_model.model.{module}"
-        adapter[f"{key}.lora_A.weight"] = vh[:rank].to(dtype).contiguous()
-        adapter[f"{key}.lora_B.weight"] = (u[:, :rank] * s[:rank]).to(dtype).contiguous()
-    if embedding_rank > 0 and embedding is None:
+            left, right, part, whole = low_rank(change, embedding_rank)
+            embedding_kept = part / whole if whole else 1.0
+            adapter[f"{key}.lora_embedding_A"] = left.T.to(dtype).contiguous()
+            adapter[f"{key}.lora_embedding_B"] = right.T.to(dtype).contiguous()
+        elif kind == "weight" and leaf in targets:
+            left, right, part, whole = low_rank(change, rank)
+            kept, total = kept + part, total + whole
+            adapter[f"{key}.lora_A.weight"] = right.to(dtype).contiguous()
+            adapter[f"{key}.lora_B.weight"] = left.to(dtype).contiguous()
+        elif change.abs().max() > 0:
+            dropped[name] = float(change.norm())
+    if embedding_rank > 0 and embedding_kept is None:
         raise ValueError(f"--embedding-rank: the tuned model has no {EMBEDDING} weight")
-    tied = embedding is not None and bool(json.loads(Path(tuned, "config.json").read_text()).get("tie_word_embeddings"))
-    # the tied head's LoRA is the embedding's, transposed: it needs the same rank and scaling
-    pattern = {name: embedding_rank for name in (EMBEDDING, *([OUTPUT_HEAD] if tied else []))}
-    extra = {"rank_pattern": pattern, "alpha_pattern": pattern, "ensure_weight_tying": tied} if embedding else {}
+    extra = {}
+    if embedding_kept is not None:
+        tied = bool(json.loads(Path(tuned, "config.json").read_text()).get("tie_word_embeddings"))
+        # the tied head's LoRA is the embedding's, transposed: it needs the same rank and scaling
+        pattern = {name: embedding_rank for name in (EMBEDDING, *([OUTPUT_HEAD] if tied else []))}
+        extra = {"rank_pattern": pattern, "alpha_pattern": pattern, "ensure_weight_tying": tied}
     out = Path(out)
-    LoraConfig(r=rank, lora_alpha=rank, target_modules=[*targets, *([EMBEDDING] if embedding else [])],
+    LoraConfig(r=rank, lora_alpha=rank, target_modules=[*targets, *([EMBEDDING] if extra else [])],
                task_type="CAUSAL_LM", base_model_name_or_path=base_name or str(base), **extra).save_pretrained(str(out))
     save_file(adapter, str(out / WEIGHTS))
     return Extraction(rank, kept / total if total else 1.0, dropped, (out / WEIGHTS).stat().st_size, embedding_kept)
