@@ -23,8 +23,10 @@ import torch
 
 
 def cache_kwarg(model: torch.nn.Module) -> str:
-    """transformers renamed ``past_key_values`` to ``cache`` in 5.x."""
-    params = inspect.signature(model.forward).parameters
+    """transformers renamed ``past_key_values`` to ``cache`` in 5.x. A peft wrapper passes
+    ``**kwargs`` through, so the model it wraps is the one asked."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(inner.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 

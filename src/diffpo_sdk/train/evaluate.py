@@ -76,14 +76,19 @@ def answer_scores(model: Any, prompt: list[int], answers: list[list[int]], masks
 
     The prompt runs once; every answer continues from its KV cache, so a prompt with k answers
     costs one prompt and k answers instead of k prompts."""
+    from transformers import DynamicCache
+
+    from ..engine.kvcache import cache_kwarg
+
     device = next(model.parameters()).device
     k, n = len(answers), len(answers[0])
-    head = model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
-    cache = head.past_key_values
+    cache = DynamicCache(config=model.config)  # the prompt's keys and values, filled in place
+    name = cache_kwarg(model)
+    head = model(input_ids=torch.tensor([prompt], device=device), use_cache=True, **{name: cache})
     cache.batch_repeat_interleave(k)
     ids = torch.tensor(answers, device=device)
     positions = torch.arange(len(prompt), len(prompt) + n - 1, device=device).expand(k, -1)
-    rest = model(input_ids=ids[:, :-1], position_ids=positions, past_key_values=cache, use_cache=False).logits
+    rest = model(input_ids=ids[:, :-1], position_ids=positions, use_cache=False, **{name: cache}).logits
     logits = torch.cat([head.logits[:, -1:].expand(k, -1, -1), rest], dim=1)  # predicts answer tokens 0..N-1
     mask = torch.tensor(masks, device=device, dtype=torch.float)
     return (-(token_nll(logits, ids) * mask).sum(-1) / mask.sum(-1)).tolist()
