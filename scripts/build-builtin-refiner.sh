@@ -3,8 +3,8 @@
 #
 # Two training stages on the built-in SmolLM2-135M-Instruct (docs/training.md, "Built-in trained
 # refiner"): 1000 steps of the `sft` recipe as a LoRA (r = 8) on the preferred answers cut to 96
-# tokens (longer answers than the refiner's N = 32 blocks: it loops less past N), then 650 steps
-# of the `fast` recipe as a full fine-tune at N = 32 started from that model (lr 4e-5, hold
+# tokens (longer answers than the refiner's N = 32 blocks: it loops less past N), then 1000 steps
+# of the `fast` recipe as a full fine-tune at N = 32 started from that model (lr 5e-5, hold
 # weight 10), whose KL hold keeps the SFT'd model's distribution (not the untrained one's); its
 # collapse guards stop it if held-out L_AR rises 0.2 above stage 1's or repetition 0.08. A LoRA of
 # the full fine-tune's reach is what makes the speed carry over to other sources' drafts. Stage 2
@@ -15,7 +15,7 @@
 # prompts (train.measure), and its card is written from that table and both runs' (train.card):
 # held-out AlpacaEval prompts, and HH-RLHF drafts the runs never trained on.
 #
-# Usage: bash scripts/build-builtin-refiner.sh   (about 90 min on 2 CPU cores; RUNS=dir to keep
+# Usage: bash scripts/build-builtin-refiner.sh   (about 100 min on 2 CPU cores; RUNS=dir to keep
 # the stages elsewhere; a stage whose eval_results.json is in RUNS already is not run again)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,7 +34,7 @@ COMMON=(--data "$RUNS/traj.jsonl" --transfer-eval-data "$RUNS/hh32.jsonl" --max-
 [ -f "$RUNS/sft/eval_results.json" ] || $PY -m diffpo_sdk.train "${COMMON[@]}" --model smollm2-135m-instruct --recipe sft --max-steps 1000 \
     --max-response-tokens 96 --eval-strategy no --guard false --output-dir "$RUNS/sft"
 [ -f "$RUNS/sft-fast/eval_results.json" ] || $PY -m diffpo_sdk.train "${COMMON[@]}" --model "$RUNS/sft" \
-    --recipe fast --lora-r 0 --learning-rate 4e-5 --fixed-point-weight 10 --max-steps 650 --eval-steps 130 \
+    --recipe fast --lora-r 0 --learning-rate 5e-5 --fixed-point-weight 10 --max-steps 1000 --eval-steps 200 \
     --guard-ar-tolerance 0.2 --guard-repetition-tolerance 0.08 --eval-base-model smollm2-135m-instruct \
     --output-dir "$RUNS/sft-fast"
 rm -rf "$OUT"
