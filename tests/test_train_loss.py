@@ -281,3 +281,49 @@ def test_kl_anchor_is_kl_from_the_reference_on_y_star(tiny) -> None:
     assert all(p.grad is None for p in other.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
     model.zero_grad()
+
+
+def test_target_hold_is_kl_from_the_reference_on_the_target(tiny) -> None:
+    """``target_hold_weight`` adds KL(p_ref || p) on the preferred target's answer positions
+    (its tokens and stop, not the filler), a token mean from plain forwards of ``[x, y^(T)]``;
+    zero against an identical copy, skipped without a reference, trained only through the model."""
+    import copy
+
+    model, tok = tiny
+    n = 10
+    ds = TrajectoryDataset(RECORDS, tok, n=n, source="answers")
+    feats = [ds.get(i, deterministic=True) for i in range(len(ds))]
+    batch = DiffPOCollator(ds.pad)(feats)
+    same = copy.deepcopy(model).requires_grad_(False)
+    other = copy.deepcopy(model).requires_grad_(False)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        plain = diffpo_loss(model, batch, 1.0, mask="none", kind="kl", fixed_point_weight=0.0)
+        zero = diffpo_loss(model, batch, 1.0, mask="none", kind="kl", fixed_point_weight=0.0,
+                           reference=same, target_hold_weight=2.0)
+        held = diffpo_loss(model, batch, 1.0, mask="none", kind="kl", fixed_point_weight=0.0,
+                           reference=other, target_hold_weight=2.0)
+        unheld = diffpo_loss(model, batch, 1.0, mask="none", kind="kl", fixed_point_weight=0.0,
+                             target_hold_weight=2.0)
+        total, count = 0.0, 0.0
+        for f in feats:
+            seq = torch.tensor([f["prompt"] + f["target"]])
+            logp = model(input_ids=seq).logits[0, -n - 1:-1].log_softmax(-1)
+            logq = other(input_ids=seq).logits[0, -n - 1:-1].log_softmax(-1)
+            m = torch.tensor(f["target_mask"], dtype=torch.float)
+            total = total + ((logq.exp() * (logq - logp)).sum(-1) * m).sum()
+            count += float(m.sum())
+        ref = total / count
+    assert 0 < count < n * len(feats)  # the filler after a short answer's stop is left out
+    assert float(zero.target_hold_loss) < 1e-6 and unheld.target_hold_loss is None
+    assert float(ref) > 1e-3
+    torch.testing.assert_close(held.target_hold_loss, ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(held.loss, plain.loss + 2.0 * ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(held.ar_loss, plain.ar_loss)  # L_AR itself is reported unchanged
+    out = diffpo_loss(model, batch, 0.0, mask="none", kind="kl", fixed_point_weight=0.0, reference=other,
+                      target_hold_weight=2.0)
+    out.loss.backward()
+    assert all(p.grad is None for p in other.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    model.zero_grad()

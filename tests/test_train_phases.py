@@ -36,10 +36,12 @@ def test_sft_phase_then_consistency_phase_held_on_the_sft_model(tiny_llama_dir: 
     held = TrajectoryDataset(RECORDS[:2], tok, 12, source="frontier",
                              states=lazy(TrajectoryDataset(RECORDS[:2], tok, 12)))
     args = DiffPOConfig(output_dir=str(tmp_path / "out"), recipe="sft-fast", max_response_tokens=12, max_steps=8,
+                        consistency_start=0.75,
                         learning_rate=3e-3, per_device_train_batch_size=2, per_device_eval_batch_size=4,
                         eval_strategy="steps", eval_steps=2, save_strategy="no", logging_steps=1, disable_tqdm=True,
                         use_cpu=True, seed=0, guard_prompts=2, guard_action="warn", dataloader_pin_memory=False)
     assert (args.consistency_start, args.trajectory_source, args.fixed_point_weight) == (0.75, "frontier", 10.0)
+    assert args.target_hold_weight == 10.0
     seen: dict[str, object] = {}
 
     class Watch(TrainerCallback):
@@ -58,8 +60,15 @@ def test_sft_phase_then_consistency_phase_held_on_the_sft_model(tiny_llama_dir: 
     logged = [h for h in trainer.state.log_history if "consistency_weight" in h]
     weights = {h["step"]: h["consistency_weight"] for h in logged}
     assert all(weights[s] == 0.0 for s in range(1, 7)) and weights[8] > 0  # SFT phase: w = 0
+    # each phase runs the whole linear schedule: 6 steps decaying from the peak, then 2 from the peak again
+    # (the learning rate logged at step k is the one step k used)
+    lrs = {h["step"]: h["learning_rate"] for h in logged}
+    assert lrs[6] == pytest.approx(3e-3 / 6) and lrs[7] == pytest.approx(3e-3) and lrs[8] == pytest.approx(3e-3 / 2)
     assert all(h.get("con_loss", 0.0) == 0.0 and "fixed_point_loss" not in h for h in logged if h["step"] <= 6)
     assert any("fixed_point_loss" in h for h in logged if h["step"] > 6)
+    # the target hold needs the SFT'd model as its reference: none before it exists, every step after
+    assert all("target_hold_loss" not in h for h in logged if h["step"] <= 6)
+    assert all(h["target_hold_loss"] > 0 for h in logged if h["step"] > 7)
     # evaluations during the SFT phase (steps 2, 4) are skipped; the consistency phase is judged against the
     # SFT'd model, first at the step that ended the SFT phase
     assert seen["evals"] == [6, 8] and held.source == "frontier"

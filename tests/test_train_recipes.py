@@ -93,6 +93,7 @@ def test_recipes_resolve(tmp_path: Path) -> None:
     assert (paper.trajectory_source, paper.consistency_loss, paper.consistency_normalize, paper.consistency_mask) == (
         "answers", "kl", "sum", "none")
     assert (paper.consistency_weight, paper.consistency_warmup_ratio, paper.fixed_point_weight) == (1000.0, 0.0, 0.0)
+    assert paper.target_hold_weight == 0.0
     assert (paper.learning_rate, str(paper.lr_scheduler_type.value), paper.warmup_steps) == (1e-9, "cosine", 0.03)
     assert (paper.gradient_accumulation_steps, paper.num_train_epochs, paper.weight_decay) == (4, 1.0, 0.0)
     assert paper.guard is False and paper.recipe_overrides == {}
@@ -103,8 +104,9 @@ def test_recipes_resolve(tmp_path: Path) -> None:
     assert (fast.fixed_point_weight, fast.fixed_point_anchor, fast.learning_rate, fast.guard) == (5.0, "kl", 3e-5, True)
 
     phased = cfg(tmp_path, recipe="sft-fast")
-    assert (phased.consistency_start, phased.trajectory_source, phased.consistency_loss) == (0.75, "frontier", "ce")
+    assert (phased.consistency_start, phased.trajectory_source, phased.consistency_loss) == (0.6, "frontier", "ce")
     assert (phased.fixed_point_weight, phased.fixed_point_anchor, phased.guard) == (10.0, "kl", True)
+    assert (phased.target_hold_weight, fast.target_hold_weight, phased.learning_rate) == (10.0, 0.0, 5e-5)
     assert fast.consistency_start == 0.0
 
     sft = cfg(tmp_path, recipe="sft")

@@ -51,6 +51,7 @@ class LossOutput:
     #: than counting the engine's passes on a few prompts)
     guesses: int = 0
     guesses_right: int = 0
+    target_hold_loss: torch.Tensor | None = None
 
 
 def pad_answer(ids: list[int], n: int, eot: int) -> list[int]:
@@ -207,7 +208,7 @@ def consistency_mask(student_ans: torch.Tensor, teacher_ans: torch.Tensor, base:
 def diffpo_loss(model: Any, batch: dict[str, torch.Tensor], weight: float, *, mask: str | None = None,
                 normalize: str | None = None, chunk: int = 16, kind: str | None = None,
                 fixed_point_weight: float | None = None, reference: Any = None,
-                count_guesses: bool = True) -> LossOutput:
+                target_hold_weight: float | None = None, count_guesses: bool = True) -> LossOutput:
     """L_AR on the target + ``weight`` x L_Con of the student sequence toward the teacher.
 
     ``batch`` (from :class:`~diffpo_sdk.train.trainer.DiffPOCollator`): ``target_ids``,
@@ -231,6 +232,10 @@ def diffpo_loss(model: Any, batch: dict[str, torch.Tensor], weight: float, *, ma
     whole distribution there, not only the greedy token, so the model does not grow peaky on
     its own answers (which raises L_AR on anything else).
 
+    ``target_hold_weight`` (with a ``reference``) adds that times KL(p_ref || p) on the
+    preferred target's path, token mean: the hold where L_AR is measured, so the branches'
+    lesson (look past a wrong last token) is kept off text that legitimately departs from y*.
+
     ``count_guesses`` fills ``guesses``/``guesses_right`` (an argmax over the vocabulary and
     a host sync): evaluation wants them, a training step does not.
     """
@@ -238,6 +243,7 @@ def diffpo_loss(model: Any, batch: dict[str, torch.Tensor], weight: float, *, ma
     normalize = loss_default("consistency_normalize") if normalize is None else normalize
     kind = loss_default("consistency_loss") if kind is None else kind
     fixed_point_weight = loss_default("fixed_point_weight") if fixed_point_weight is None else fixed_point_weight
+    target_hold_weight = loss_default("target_hold_weight") if target_hold_weight is None else target_hold_weight
     for option, value in (("consistency_mask", mask), ("consistency_normalize", normalize),
                           ("consistency_loss", kind)):
         check_choice(option, value)
@@ -255,10 +261,20 @@ def diffpo_loss(model: Any, batch: dict[str, torch.Tensor], weight: float, *, ma
     # the paper: a sum over the N positions per sequence, mean over the batch; else a token mean
     ar = ar_total / tmask.shape[0] if normalize == "sum" else ar_total / tmask.sum().clamp(min=1)
 
+    held = None
+    if target_hold_weight and reference is not None and "target_ids" in batch:
+        with torch.no_grad():
+            ref_t = answer_logits(reference, batch["target_ids"], batch["target_attention_mask"], n)
+        held = (token_kl(ref_t, t_logits, chunk) * tmask).sum() / tmask.sum().clamp(min=1)
+        ar_for_loss = ar + target_hold_weight * held
+        held = held.detach()
+    else:
+        ar_for_loss = ar
+
     zero = ar.new_zeros(())
     anchored = bool(fixed_point_weight) and "frontier_ids" in batch
     if (weight == 0 and not anchored) or (packed is None and "student_ids" not in batch):
-        return LossOutput(ar, ar.detach(), zero, weight, 0)
+        return LossOutput(ar_for_loss, ar.detach(), zero, weight, 0, target_hold_loss=held)
 
     fixed_loss = None
     if "frontier_ids" in batch:
@@ -299,8 +315,8 @@ def diffpo_loss(model: Any, batch: dict[str, torch.Tensor], weight: float, *, ma
         con = total / cmask.sum().clamp(min=1)
     else:  # the paper's sum over N positions, averaged over the batch
         con = total / div.shape[0]
-    loss = ar + weight * con
+    loss = ar_for_loss + weight * con
     if fixed_loss is not None:
         loss = loss + fixed_point_weight * fixed_loss
         fixed_loss = fixed_loss.detach()
-    return LossOutput(loss, ar.detach(), con.detach(), weight, int(cmask.sum()), fixed_loss, guesses, right)
+    return LossOutput(loss, ar.detach(), con.detach(), weight, int(cmask.sum()), fixed_loss, guesses, right, held)

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import torch
 from torch.utils.data import Dataset
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments, get_scheduler
 from transformers.trainer_utils import IntervalStrategy
 
 from ..engine import templating
@@ -65,6 +65,7 @@ class DiffPOConfig(TrainingArguments):
     frontier_branches: int | None = field(default=None, metadata={"help": "frontier source: branch tokens per row (default N)"})
     frontier_depth: int = field(default=1, metadata={"help": "frontier source: wrong guesses per branch (1: the token right after a miss)"})
     fixed_point_weight: float | None = field(default=None, metadata=_recipe_help("frontier source: weight of the hold on the refiner's own greedy answer y* (see --fixed-point-anchor)"))
+    target_hold_weight: float | None = field(default=None, metadata=_recipe_help("weight of a KL hold on the preferred target's path toward the model as training (or its consistency phase) started: keeps the branches' lesson off text that legitimately departs from y*, where L_AR is measured; costs one no-grad forward"))
     fixed_point_anchor: Literal["ce", "kl"] | None = field(default=None, metadata=_recipe_help("ce (L_AR on y*) | kl (KL from the model before training on y*'s path: holds the whole distribution; costs one no-grad forward and, without LoRA, a frozen copy of the model)"))
     kl_chunk: int = field(default=16, metadata={"help": "positions per vocabulary-sized softmax chunk (memory bound)"})
     trajectory_source: Literal["answers", "jacobi", "mix", "frontier", "target-branches"] | None = field(default=None, metadata=_recipe_help("answers (paper: other models' answers) | jacobi (own Jacobi states) | mix | frontier (one-token branches off the fixed point, from the Jacobi states) | target-branches (one-token branches off the preferred target, the wrong tokens from lower-ranked answers)"))
@@ -280,7 +281,8 @@ class DiffPOCollator:
 def loss_kwargs(cfg: DiffPOConfig) -> dict[str, Any]:
     """The :func:`~diffpo_sdk.train.loss.diffpo_loss` options a configuration sets."""
     return {"mask": cfg.consistency_mask, "normalize": cfg.consistency_normalize, "chunk": cfg.kl_chunk,
-            "kind": cfg.consistency_loss, "fixed_point_weight": cfg.fixed_point_weight}
+            "kind": cfg.consistency_loss, "fixed_point_weight": cfg.fixed_point_weight,
+            "target_hold_weight": cfg.target_hold_weight}
 
 
 class ConsistencyPhase(TrainerCallback):
@@ -324,7 +326,7 @@ class DiffPOTrainer(Trainer):
         self.untrained_metrics: dict[str, float] | None = None
         self.last_eval: tuple[int, dict[str, float]] | None = None
         anchored = (args.fixed_point_anchor == "kl" and args.fixed_point_weight > 0
-                    and args.trajectory_source == "frontier")
+                    and args.trajectory_source == "frontier") or args.target_hold_weight > 0
         #: the project's model card (set by ``python -m diffpo_sdk.train``); pushed instead of Trainer's
         self.model_card: str | None = None
         self.untrained = ref_model
@@ -357,6 +359,30 @@ class DiffPOTrainer(Trainer):
 
     def consistency_start_step(self) -> int:
         return int(self.args.consistency_start * self.state.max_steps)
+
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        """With an SFT phase, each phase runs the whole schedule (warm-up, then decay) over its
+        own steps, as two runs would: the consistency phase starts at the peak learning rate,
+        not where the SFT phase's decay left it."""
+        fresh = self.lr_scheduler is None
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        start = int(self.args.consistency_start * num_training_steps)
+        if not fresh or not 0 < start < num_training_steps or \
+                not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # e.g. reduce_lr_on_plateau
+            return scheduler
+        scratch = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)  # the real optimizer stays as it is
+        sft, consistency = (get_scheduler(self.args.lr_scheduler_type, optimizer=scratch,
+                                          num_warmup_steps=self.args.get_warmup_steps(steps), num_training_steps=steps,
+                                          scheduler_specific_kwargs=self.args.lr_scheduler_kwargs).lr_lambdas[0]
+                            for steps in (start, num_training_steps - start))
+
+        def phased(step: int) -> float:
+            return sft(step) if step < start else consistency(step - start)
+
+        scheduler.lr_lambdas = [phased] * len(scheduler.lr_lambdas)
+        for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base * phased(scheduler.last_epoch)
+        return scheduler
 
     def consistency_weight_at(self, step: int) -> float:
         """w: 0 during an SFT phase, then ramped linearly from 0 over the first
@@ -405,6 +431,8 @@ class DiffPOTrainer(Trainer):
             self._metrics["consistency_weight"].append(weight)
             if out.fixed_loss is not None:
                 self._metrics["fixed_point_loss"].append(float(out.fixed_loss))
+            if out.target_hold_loss is not None:
+                self._metrics["target_hold_loss"].append(float(out.target_hold_loss))
         return (out.loss, {"ar_loss": out.ar_loss, "con_loss": out.con_loss}) if return_outputs else out.loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
