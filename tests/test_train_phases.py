@@ -20,7 +20,7 @@ RECORDS = [
 def test_sft_phase_then_consistency_phase_held_on_the_sft_model(tiny_llama_dir: str, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-    from diffpo_sdk.train.states import LazyStates
+    from diffpo_sdk.train.states import EpochOrder, LazyStates
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
@@ -78,6 +78,11 @@ def test_sft_phase_then_consistency_phase_held_on_the_sft_model(tiny_llama_dir: 
     assert not all(torch.equal(p, seen["sft"][n]) for n, p in model.named_parameters())
     assert train.states.model is trainer.guard_reference and "sft step 6" in train.states.model_id
     assert trainer.guard_baseline is not None and trainer.untrained_metrics is None
+    # the consistency phase (steps 7-8, the third epoch) built states for the prompts it consumed, in
+    # the sampler's order, 3 at a time: the SFT'd model's first group is the epoch's first 3 prompts
+    assert isinstance(trainer._get_train_sampler(), EpochOrder)
+    epoch = EpochOrder(len(RECORDS), args.seed).order(2)
+    assert train.states.groups == [epoch[:3], epoch[3:]]
 
 
 def test_consistency_start_is_a_share_of_the_steps(tmp_path: Path) -> None:

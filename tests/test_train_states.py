@@ -46,14 +46,16 @@ def test_lazy_states_give_the_eager_batches(tiny, tmp_path: Path) -> None:
     with torch.no_grad():  # training moves the model; the lazy states must still be the starting model's
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    assert not lazy.chunks
+    assert not lazy.built
     collate = DiffPOCollator(plain.pad)
     ds_eager = TrajectoryDataset(RECORDS, tok, N, source="frontier", states=eager)
     ds_lazy = TrajectoryDataset(RECORDS, tok, N, source="frontier", states=lazy)
     order = list(range(len(RECORDS)))
     random.Random(1).shuffle(order)
+    lazy.follow(order)  # what the training sampler tells it at the start of an epoch
     first = [ds_lazy.get(i, deterministic=True) for i in order[:2]]
-    assert 1 <= len(lazy.chunks) <= 2  # only the chunks the first batch needs were built
+    # only what the run consumes next was built: the first 3 prompts of its order, in one group
+    assert lazy.groups == [order[:3]] and set(lazy.built) == set(order[:3])
     for k in range(0, len(order), 2):
         idx = order[k:k + 2]
         a = collate([ds_eager.get(i, deterministic=True) for i in idx])
@@ -62,6 +64,7 @@ def test_lazy_states_give_the_eager_batches(tiny, tmp_path: Path) -> None:
         for key in a:
             assert torch.equal(a[key], b[key]), key
     assert sum(any(f["branches"]) for f in (ds_lazy.get(i, deterministic=True) for i in order)) > 0
+    assert lazy.groups == [order[k:k + 3] for k in range(0, len(order), 3)]  # each prompt built once
     # the moved model would have given other fixed points: the comparison can fail
     moved = states(model, tok, plain, RECORDS, chunk=0).materialize()
     assert [s["fixed_point"] for s in moved] != [s["fixed_point"] for s in eager]

@@ -16,12 +16,14 @@ import hashlib
 import json
 import logging
 import os
-import time
 import random
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import Sampler
 
 from ..generation import generate_cut
 from .loss import pad_answer, position_ids
@@ -117,11 +119,13 @@ def model_fingerprint(model: Any) -> str:
 class LazyStates:
     """Fixed points and Jacobi states, built ``chunk`` prompts at a time when first asked for.
 
-    ``states[k]`` builds (or loads from ``cache_dir``) the chunk holding prompt ``k`` with
-    ``model``, which must stay the model as training started (a frozen copy, or a LoRA model
-    with its adapter off). A chunk's cache file is named by a key over its prompt and draft
-    tokens, ``model_id``, N, the states per prompt and the seed, so a different split, model
-    or N never reuses stale states. ``chunk=0`` means one chunk of everything.
+    ``states[k]`` builds (or loads from ``cache_dir``) prompt ``k`` together with the next
+    prompts not yet built in the order the run consumes them (:meth:`follow`; by default the
+    index order), so a run builds states for what it trains on, in batches. ``model`` must
+    stay the model as training started (a frozen copy, or a LoRA model with its adapter off).
+    A group's cache file is named by a key over its prompt and draft tokens, ``model_id``, N,
+    the states per prompt and the seed, so a different split, model or N never reuses stale
+    states. ``chunk=0`` means one group of everything.
     """
 
     def __init__(self, model: Any, tokenizer: Any, prompts: list[list[int]], drafts: list[list[int]], n: int,
@@ -134,7 +138,10 @@ class LazyStates:
         self.chunk = chunk if chunk > 0 else max(1, len(prompts))
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.model_id = model_id
-        self.chunks: dict[int, list[dict[str, Any]]] = {}
+        #: built states by prompt index, and the groups they were built in (cache keys)
+        self.built: dict[int, dict[str, Any]] = {}
+        self.groups: list[list[int]] = []
+        self.follow(range(len(prompts)))
         self.bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -145,28 +152,43 @@ class LazyStates:
         return len(self.prompts)
 
     def __getitem__(self, k: int) -> dict[str, Any]:
-        c = k // self.chunk
-        if c not in self.chunks:
-            self.chunks[c] = self._load_or_build(c)
-        return self.chunks[c][k - c * self.chunk]
+        if k not in self.built:
+            self._load_or_build(self._group_from(k))
+        return self.built[k]
+
+    def follow(self, order: Any) -> None:
+        """The order in which prompts will be asked for (a sampler's epoch): a miss builds the
+        prompts that come next in it. Prompts not in ``order`` are built after it, in index order."""
+        order = list(order)
+        seen = set(order)
+        self.order = order + [k for k in range(len(self.prompts)) if k not in seen]
+        self.position = {k: i for i, k in enumerate(self.order)}
 
     def rebase(self, model: Any, model_id: str) -> None:
         """Build what is asked from now on with ``model`` (frozen), keyed by ``model_id``;
         states built by the previous model are dropped."""
-        self.model, self.model_id, self.chunks = model, model_id, {}
+        self.model, self.model_id, self.built, self.groups = model, model_id, {}, []
 
     def materialize(self) -> list[dict[str, Any]]:
         """Every prompt's states, in order (builds what is missing)."""
         return [self[k] for k in range(len(self))]
 
-    def key(self, c: int) -> str:
-        lo, hi = c * self.chunk, min(len(self.prompts), (c + 1) * self.chunk)
-        return content_key([self.model_id, self.n, self.per_prompt, self.seed, self.prompts[lo:hi],
-                            self.drafts[lo:hi]])
+    def _group_from(self, k: int) -> list[int]:
+        """``k`` and the prompts not yet built that follow it in the order, ``chunk`` at most."""
+        group = []
+        for j in self.order[self.position[k]:]:
+            if j not in self.built:
+                group.append(j)
+                if len(group) == self.chunk:
+                    break
+        return group
 
-    def _load_or_build(self, c: int) -> list[dict[str, Any]]:
-        lo, hi = c * self.chunk, min(len(self.prompts), (c + 1) * self.chunk)
-        key = self.key(c)
+    def key(self, group: list[int]) -> str:
+        return content_key([self.model_id, self.n, self.per_prompt, self.seed, [self.prompts[k] for k in group],
+                            [self.drafts[k] for k in group]])
+
+    def _load_or_build(self, group: list[int]) -> None:
+        key = self.key(group)
         path = self.cache_dir / f"states-{key}.json" if self.cache_dir is not None else None
         items = None
         if path is not None and path.is_file():
@@ -176,19 +198,46 @@ class LazyStates:
             except (json.JSONDecodeError, KeyError):
                 items = None  # a file cut by a crash: build again
         if items is not None:
-            log.info("states of prompts %d-%d loaded from %s", lo, hi - 1, path)
+            log.info("states %s of %d prompts loaded from %s", key, len(group), path)
         else:
             t0 = time.time()
-            items = build_states(self.model, self.tokenizer, self.prompts[lo:hi], self.drafts[lo:hi], self.n,
-                                 self.eot, self.stop_ids, self.per_prompt, self.batch_size, self.seed, progress=False)
+            items = build_states(self.model, self.tokenizer, [self.prompts[k] for k in group],
+                                 [self.drafts[k] for k in group], self.n, self.eot, self.stop_ids, self.per_prompt,
+                                 self.batch_size, self.seed, progress=False)
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # several ranks may write the same chunk
+                tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # several ranks may write the same group
                 tmp.write_text(json.dumps({"key": key, "items": items}))
                 tmp.replace(path)
-            log.info("states of prompts %d-%d built in %.1f s", lo, hi - 1, time.time() - t0)
+            log.info("states %s of %d prompts built in %.1f s", key, len(group), time.time() - t0)
+        self.built.update(zip(group, items))
+        self.groups.append(group)
         if self.bar is not None:
-            self.bar.update(hi - lo)
-            if sum(len(v) for v in self.chunks.values()) + hi - lo >= len(self.prompts):
+            self.bar.update(len(group))
+            if len(self.built) >= len(self.prompts):
                 self.bar.close()
-        return items
+
+
+class EpochOrder(Sampler[int]):
+    """A random order of the training prompts per epoch (seeded by ``seed`` and the epoch) that
+    tells ``on_order`` before the epoch runs, so lazy states are built for the prompts the run
+    is about to consume (:meth:`LazyStates.follow`), not for their neighbours by index."""
+
+    def __init__(self, size: int, seed: int, on_order: Callable[[list[int]], None] | None = None):
+        self.size, self.seed, self.on_order, self.epoch = size, seed, on_order, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def order(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.size, generator=generator).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.order(self.epoch)
+        if self.on_order is not None:
+            self.on_order(order)
+        return iter(order)

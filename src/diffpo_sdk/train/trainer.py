@@ -25,7 +25,7 @@ from .evaluate import greedy_repetition, heldout_losses, long_repetition, refine
 from .loss import answer_mask, diffpo_loss, frontier_rows, pad_answer
 from .recipes import CHOICES, DEFAULT_RECIPE, check_choice, recipe_values
 from .reference import as_model, frozen_copy, prepare_reference, reference_model
-from .states import model_fingerprint
+from .states import EpochOrder, model_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class DiffPOConfig(TrainingArguments):
     trajectory_source: Literal["answers", "jacobi", "mix", "frontier", "target-branches"] | None = field(default=None, metadata=_recipe_help("answers (paper: other models' answers) | jacobi (own Jacobi states) | mix | frontier (one-token branches off the fixed point, from the Jacobi states) | target-branches (one-token branches off the preferred target, the wrong tokens from lower-ranked answers)"))
     jacobi_states_per_prompt: int = field(default=2, metadata={"help": "partial Jacobi states generated per training prompt"})
     jacobi_states_dir: str | None = field(default=None, metadata={"help": "where generated states are cached (default: output_dir); share it between runs"})
-    jacobi_states_chunk: int = field(default=8, metadata={"help": "prompts whose fixed points and states are computed together, when a batch first needs them (0: all before training)"})
+    jacobi_states_chunk: int = field(default=8, metadata={"help": "prompts whose fixed points and states are computed together when a batch first needs them: that prompt and the next ones of the training order (0: all before training)"})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 = full fine-tune"})
     lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (default 2 x r)"})
     lora_dropout: float = field(default=0.05)
@@ -354,6 +354,16 @@ class DiffPOTrainer(Trainer):
             Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
             (Path(self.args.output_dir) / "README.md").write_text(self.model_card)
         return None
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        """A random order per epoch known before the epoch runs: lazily built states follow it,
+        so they are built for the prompts the run consumes next, in batches (``EpochOrder``).
+        Every process draws the same order, and accelerate shards its batches as it would Trainer's."""
+        ds = self.train_dataset if train_dataset is None else train_dataset
+        if ds is None or self.args.train_sampling_strategy != "random":
+            return super()._get_train_sampler(train_dataset)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return EpochOrder(len(ds), seed, getattr(getattr(ds, "states", None), "follow", None))
 
     # -- loss ------------------------------------------------------------------------------
 
