@@ -1,5 +1,6 @@
-"""Multi-process training for real: ``accelerate launch --num_processes 2 --cpu`` (gloo) with the
-default recipe, against one process with twice the gradient accumulation."""
+"""Multi-process training for real: ``accelerate launch --num_processes 2 --cpu`` (gloo), against
+one process with twice the gradient accumulation: the default recipe, and sft-fast (whose states
+are built mid-run by the SFT'd model, by each process for the prompts it consumes)."""
 
 from __future__ import annotations
 
@@ -50,7 +51,9 @@ def losses(out: Path) -> list[float]:
     return [v for h in history if "loss" in h for v in (h["loss"], h["grad_norm"])]
 
 
-def test_two_processes_match_one_with_double_accumulation(tiny_llama_dir: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("recipe", "share"), [("fast", 5), ("sft-fast", 3)])
+def test_two_processes_match_one_with_double_accumulation(recipe: str, share: int, tiny_llama_dir: str,
+                                                          tmp_path: Path) -> None:
     data = tmp_path / "traj.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
     held = tmp_path / "held.jsonl"
@@ -59,7 +62,8 @@ def test_two_processes_match_one_with_double_accumulation(tiny_llama_dir: str, t
               "--max-steps", str(STEPS), "--learning-rate", "1e-3", "--per-device-train-batch-size", "1",
               "--logging-steps", "1", "--eval-strategy", "no", "--save-strategy", "no", "--final-eval", "false",
               "--guard", "false", "--jacobi-states-per-prompt", "1", "--disable-tqdm", "true",
-              "--dataloader-pin-memory", "false", "--report-to", "none", "--use-cpu", "true", "--seed", "0"]
+              "--dataloader-pin-memory", "false", "--report-to", "none", "--use-cpu", "true", "--seed", "0",
+              "--recipe", recipe]
     two = tmp_path / "two"
     # accelerate 1.x starts one process for `--cpu --num_processes 2` unless given an MPI hostfile;
     # `--multi_gpu` starts them through torchrun, and `--use-cpu true` makes them CPU (gloo) processes
@@ -68,11 +72,14 @@ def test_two_processes_match_one_with_double_accumulation(tiny_llama_dir: str, t
                 "--output-dir", str(two), "--gradient-accumulation-steps", "1"], tmp_path)
     for rank in (0, 1):
         assert f"process {rank} of 2 (distributed, backend gloo)" in proc.stderr, proc.stderr[-4000:]
-    # every group of states was built once, by the main process; the other read it from the cache
-    built = re.findall(r"states (\w+) of \d+ prompts built in", proc.stderr)
-    loaded = re.findall(r"states (\w+) of \d+ prompts loaded from", proc.stderr)
-    assert len(built) >= 2 and len(set(built)) == len(built), proc.stderr[-4000:]
-    assert sorted(loaded) == sorted(built)
+    # each process built the states of the prompts it consumes (every other batch of the shared
+    # order: 5 of the 10 each; sft-fast from its third step on, its second batch being fetched before the
+    # SFT phase ended: 3), once, in one group of at most 8
+    built = re.findall(r"states (\w+) of (\d+) prompts built in", proc.stderr)
+    assert sorted(int(size) for _, size in built) == [share, share], proc.stderr[-4000:]
+    assert len({key for key, _ in built}) == 2
+    if recipe == "sft-fast":  # both processes left the SFT phase after step 1 (int(0.6 * 3))
+        assert proc.stderr.count("step 1: the SFT phase is over") == 2
     one = tmp_path / "one"
     run([sys.executable, "-m", "diffpo_sdk.train", *common, "--output-dir", str(one),
          "--gradient-accumulation-steps", "2"], tmp_path)
@@ -81,4 +88,4 @@ def test_two_processes_match_one_with_double_accumulation(tiny_llama_dir: str, t
     assert a == pytest.approx(b, **TOLERANCE)
     assert a[0] != pytest.approx(a[-2], rel=1e-3)  # the model moved: later losses test the updates too
     card = (two / "README.md").read_text()
-    assert "**Recipe:** `fast`" in card
+    assert f"**Recipe:** `{recipe}`" in card

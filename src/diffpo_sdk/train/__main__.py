@@ -109,11 +109,12 @@ def build_datasets(cfg: Any, model: Any, tok: Any) -> tuple[Any, Any, Any]:
 
     Training states are built lazily, ``--jacobi-states-chunk`` prompts at a time as batches
     first need them, from a frozen copy of the model as training starts (with LoRA: the
-    adapter switched off, no copy). Held-out states too, when the first evaluation needs them.
-    A single process with the final table on gets the copy whatever the source, so the
-    untrained column is measured after training, not before step 1. Under several processes,
-    or with ``--jacobi-states-chunk 0``, every state is built before training, by the main
-    process first, and the other processes read them from the cache.
+    adapter switched off, no copy); under several processes (DDP) each builds the prompts it
+    consumes. Held-out states too, when the first evaluation needs them. A single process with
+    the final table on gets the copy whatever the source, so the untrained column is measured
+    after training, not before step 1. With FSDP or DeepSpeed, or ``--jacobi-states-chunk 0``,
+    every state is built before training, by the main process first, and the other processes
+    read them from the cache.
     """
     from ..engine import templating
     from .data import load_trajectories
@@ -132,10 +133,12 @@ def build_datasets(cfg: Any, model: Any, tok: Any) -> tuple[Any, Any, Any]:
     stop = templating.stop_token_ids(tok, model.config, getattr(model, "generation_config", None))
     probe = TrajectoryDataset(held[:1], tok, n, cfg.max_prompt_tokens, stop_ids=stop)
     need_states = cfg.trajectory_source in ("jacobi", "mix", "frontier")
-    lazy = need_states and cfg.world_size == 1 and cfg.jacobi_states_chunk > 0
+    sharded = cfg.world_size > 1 and bool(cfg.fsdp or cfg.deepspeed)  # a copy per process would not fit
+    lazy = need_states and cfg.jacobi_states_chunk > 0 and not sharded
     if cfg.consistency_start > 0 and need_states and not lazy:
         raise SystemExit("--consistency-start (the sft-fast recipe) builds its states from the model the SFT phase "
-                         "made, lazily: it needs one process and --jacobi-states-chunk > 0")
+                         "made, lazily: it needs --jacobi-states-chunk > 0 and, under several processes, DDP "
+                         "(not FSDP or DeepSpeed)")
     # states built during training, and the untrained column measured after it, need the model as
     # it started: a frozen copy (LoRA: the adapter off, no copy); nothing of it delays step 1
     late_before = cfg.final_eval and cfg.world_size == 1

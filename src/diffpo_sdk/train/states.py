@@ -161,6 +161,7 @@ class LazyStates:
         prompts that come next in it. Prompts not in ``order`` are built after it, in index order."""
         order = list(order)
         seen = set(order)
+        self.followed = len(order)
         self.order = order + [k for k in range(len(self.prompts)) if k not in seen]
         self.position = {k: i for i, k in enumerate(self.order)}
 
@@ -174,9 +175,11 @@ class LazyStates:
         return [self[k] for k in range(len(self))]
 
     def _group_from(self, k: int) -> list[int]:
-        """``k`` and the prompts not yet built that follow it in the order, ``chunk`` at most."""
+        """``k`` and the prompts not yet built that follow it in the order (in the part followed,
+        when ``k`` is in it), ``chunk`` at most."""
+        start = self.position[k]
         group = []
-        for j in self.order[self.position[k]:]:
+        for j in self.order[start:self.followed if start < self.followed else None]:
             if j not in self.built:
                 group.append(j)
                 if len(group) == self.chunk:
@@ -221,10 +224,15 @@ class LazyStates:
 class EpochOrder(Sampler[int]):
     """A random order of the training prompts per epoch (seeded by ``seed`` and the epoch) that
     tells ``on_order`` before the epoch runs, so lazy states are built for the prompts the run
-    is about to consume (:meth:`LazyStates.follow`), not for their neighbours by index."""
+    is about to consume (:meth:`LazyStates.follow`), not for their neighbours by index.
 
-    def __init__(self, size: int, seed: int, on_order: Callable[[list[int]], None] | None = None):
+    Every process draws the same order, and accelerate deals its batches of ``batch_size`` out
+    round-robin, so process ``rank`` of ``world`` is told only the prompts it will consume."""
+
+    def __init__(self, size: int, seed: int, on_order: Callable[[list[int]], None] | None = None, *,
+                 batch_size: int = 1, rank: int = 0, world: int = 1):
         self.size, self.seed, self.on_order, self.epoch = size, seed, on_order, 0
+        self.batch_size, self.rank, self.world = batch_size, rank, world
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -236,8 +244,13 @@ class EpochOrder(Sampler[int]):
         generator = torch.Generator().manual_seed(self.seed + epoch)
         return torch.randperm(self.size, generator=generator).tolist()
 
+    def share(self, order: list[int]) -> list[int]:
+        """The prompts of ``order`` this process consumes: batches ``rank``, ``rank + world``, ..."""
+        b, step = self.batch_size, self.batch_size * self.world
+        return [k for i in range(self.rank * b, len(order), step) for k in order[i:i + b]]
+
     def __iter__(self) -> Iterator[int]:
         order = self.order(self.epoch)
         if self.on_order is not None:
-            self.on_order(order)
+            self.on_order(self.share(order))
         return iter(order)

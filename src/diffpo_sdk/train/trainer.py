@@ -362,8 +362,10 @@ class DiffPOTrainer(Trainer):
         ds = self.train_dataset if train_dataset is None else train_dataset
         if ds is None or self.args.train_sampling_strategy != "random":
             return super()._get_train_sampler(train_dataset)
-        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        return EpochOrder(len(ds), seed, getattr(getattr(ds, "states", None), "follow", None))
+        args = self.args
+        seed = args.data_seed if args.data_seed is not None else args.seed
+        return EpochOrder(len(ds), seed, getattr(getattr(ds, "states", None), "follow", None),
+                          batch_size=args.per_device_train_batch_size, rank=args.process_index, world=args.world_size)
 
     # -- loss ------------------------------------------------------------------------------
 
