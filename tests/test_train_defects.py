@@ -103,7 +103,7 @@ def test_evaluate_uses_the_dataset_it_is_given(tiny_llama_dir: str, tmp_path: Pa
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     own = TrajectoryDataset(RECORDS[:2], tok, 10)
     other = TrajectoryDataset(RECORDS[2:], tok, 10)
-    args = DiffPOConfig(output_dir=str(tmp_path), use_cpu=True, max_response_tokens=10, guard_prompts=1,
+    args = DiffPOConfig(output_dir=str(tmp_path), recipe="fast", use_cpu=True, max_response_tokens=10, guard_prompts=1,
                         eval_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True,
                         trajectory_source="answers", per_device_eval_batch_size=2)
     trainer = DiffPOTrainer(model=model, args=args, train_dataset=own, eval_dataset=own, processing_class=tok)

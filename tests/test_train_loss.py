@@ -262,8 +262,10 @@ def test_kl_anchor_is_kl_from_the_reference_on_y_star(tiny) -> None:
     with torch.no_grad():
         for p in other.parameters():
             p.add_(0.05 * torch.randn_like(p))
-        zero = diffpo_loss(model, batch, 1.0, mask="none", fixed_point_weight=0.5, reference=same, kind="kl")
-        anchored = diffpo_loss(model, batch, 1.0, mask="none", fixed_point_weight=0.5, reference=other, kind="kl")
+        zero = diffpo_loss(model, batch, 1.0, mask="none", fixed_point_weight=0.5, reference=same, kind="kl",
+                           target_hold_weight=0.0)
+        anchored = diffpo_loss(model, batch, 1.0, mask="none", fixed_point_weight=0.5, reference=other, kind="kl",
+                               target_hold_weight=0.0)
         plain = diffpo_loss(model, batch, 1.0, mask="none", kind="kl", fixed_point_weight=0.0)
         kl = []
         for i in range(len(ds)):
@@ -276,7 +278,8 @@ def test_kl_anchor_is_kl_from_the_reference_on_y_star(tiny) -> None:
     assert float(ref) > 1e-3
     torch.testing.assert_close(anchored.fixed_loss, ref, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(anchored.loss, plain.loss + 0.5 * ref, rtol=1e-4, atol=1e-5)
-    out = diffpo_loss(model, batch, 0.0, mask="none", fixed_point_weight=0.5, reference=other, kind="kl")
+    out = diffpo_loss(model, batch, 0.0, mask="none", fixed_point_weight=0.5, reference=other, kind="kl",
+                      target_hold_weight=0.0)
     out.loss.backward()
     assert all(p.grad is None for p in other.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())

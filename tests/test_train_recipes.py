@@ -98,12 +98,12 @@ def test_recipes_resolve(tmp_path: Path) -> None:
     assert (paper.gradient_accumulation_steps, paper.num_train_epochs, paper.weight_decay) == (4, 1.0, 0.0)
     assert paper.guard is False and paper.recipe_overrides == {}
 
-    fast = cfg(tmp_path)  # the default recipe, named
-    assert fast.recipe == "fast"
+    fast = cfg(tmp_path, recipe="fast")
     assert (fast.trajectory_source, fast.consistency_loss, fast.consistency_weight) == ("frontier", "ce", 2.0)
     assert (fast.fixed_point_weight, fast.fixed_point_anchor, fast.learning_rate, fast.guard) == (5.0, "kl", 3e-5, True)
 
-    phased = cfg(tmp_path, recipe="sft-fast")
+    phased = cfg(tmp_path)  # the default recipe, named
+    assert phased.recipe == "sft-fast"
     assert (phased.consistency_start, phased.trajectory_source, phased.consistency_loss) == (0.6, "frontier", "ce")
     assert (phased.fixed_point_weight, phased.fixed_point_anchor, phased.guard) == (10.0, "kl", True)
     assert (phased.target_hold_weight, fast.target_hold_weight, phased.learning_rate) == (10.0, 0.0, 5e-5)

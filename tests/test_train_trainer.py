@@ -28,7 +28,7 @@ def config(tmp_path: Path, **kw) -> DiffPOConfig:
     base = dict(output_dir=str(tmp_path / "out"), max_response_tokens=12, max_steps=10, learning_rate=3e-3,
                 per_device_train_batch_size=2, per_device_eval_batch_size=4, eval_strategy="no", save_strategy="no",
                 logging_steps=5, disable_tqdm=True, use_cpu=True, seed=0, guard_prompts=2,
-                trajectory_source="answers", consistency_warmup_ratio=0.0, dataloader_pin_memory=False)
+                trajectory_source="answers", consistency_warmup_ratio=0.0, dataloader_pin_memory=False, recipe="fast")
     base.update(kw)
     return DiffPOConfig(**base)
 
@@ -87,12 +87,13 @@ def test_frontier_source_lowers_its_consistency_loss(tiny_llama_dir: str, tmp_pa
         moved = [not torch.equal(p, q) for p, q in zip(model.parameters(), trainer.ref_model.parameters())]
         assert any(moved)
         from diffpo_sdk.train.loss import diffpo_loss
+        from diffpo_sdk.train.trainer import loss_kwargs
 
         batch = collate(feats[:2])
         model.eval()
         with torch.no_grad():
             used = trainer.compute_loss(model, batch)
-            kw = {"mask": "none", "kind": kind, "fixed_point_weight": fixed_point_weight}
+            kw = loss_kwargs(args)  # the run's options (diffpo_loss's own defaults are the default recipe's)
             torch.testing.assert_close(used, diffpo_loss(model, batch, 1.0, reference=trainer.ref_model, **kw).loss)
             assert not torch.allclose(used, diffpo_loss(model, batch, 1.0, **kw).loss)
 
