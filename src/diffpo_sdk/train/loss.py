@@ -261,20 +261,20 @@ def diffpo_loss(model: Any, batch: dict[str, torch.Tensor], weight: float, *, ma
     # the paper: a sum over the N positions per sequence, mean over the batch; else a token mean
     ar = ar_total / tmask.shape[0] if normalize == "sum" else ar_total / tmask.sum().clamp(min=1)
 
-    held = None
+    # the loss so far: L_AR, plus the target hold when there is one (reported detached)
+    loss = ar
+    target_hold = None
     if target_hold_weight and reference is not None and "target_ids" in batch:
         with torch.no_grad():
             ref_t = answer_logits(reference, batch["target_ids"], batch["target_attention_mask"], n)
-        held = (token_kl(ref_t, t_logits, chunk) * tmask).sum() / tmask.sum().clamp(min=1)
-        ar_for_loss = ar + target_hold_weight * held
-        held = held.detach()
-    else:
-        ar_for_loss = ar
+        target_hold = (token_kl(ref_t, t_logits, chunk) * tmask).sum() / tmask.sum().clamp(min=1)
+        loss = loss + target_hold_weight * target_hold
+        target_hold = target_hold.detach()
 
     zero = ar.new_zeros(())
     anchored = bool(fixed_point_weight) and "frontier_ids" in batch
     if (weight == 0 and not anchored) or (packed is None and "student_ids" not in batch):
-        return LossOutput(ar_for_loss, ar.detach(), zero, weight, 0, target_hold_loss=held)
+        return LossOutput(loss, ar.detach(), zero, weight, 0, target_hold_loss=target_hold)
 
     fixed_loss = None
     if "frontier_ids" in batch:
@@ -315,8 +315,9 @@ def diffpo_loss(model: Any, batch: dict[str, torch.Tensor], weight: float, *, ma
         con = total / cmask.sum().clamp(min=1)
     else:  # the paper's sum over N positions, averaged over the batch
         con = total / div.shape[0]
-    loss = ar_for_loss + weight * con
+    loss = loss + weight * con
     if fixed_loss is not None:
         loss = loss + fixed_point_weight * fixed_loss
         fixed_loss = fixed_loss.detach()
-    return LossOutput(loss, ar.detach(), con.detach(), weight, int(cmask.sum()), fixed_loss, guesses, right, held)
+    return LossOutput(loss, ar.detach(), con.detach(), weight, int(cmask.sum()), fixed_loss, guesses, right,
+                      target_hold)
