@@ -369,8 +369,10 @@ class DiffPOTrainer(Trainer):
 
     # -- loss ------------------------------------------------------------------------------
 
-    def consistency_start_step(self) -> int:
-        return int(self.args.consistency_start * self.state.max_steps)
+    def consistency_start_step(self, num_training_steps: int | None = None) -> int:
+        """The step at which the consistency phase starts (of ``num_training_steps``, default the run's)."""
+        steps = self.state.max_steps if num_training_steps is None else num_training_steps
+        return int(self.args.consistency_start * steps)
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
         """With an SFT phase, each phase runs the whole schedule (warm-up, then decay) over its
@@ -378,7 +380,7 @@ class DiffPOTrainer(Trainer):
         not where the SFT phase's decay left it."""
         fresh = self.lr_scheduler is None
         scheduler = super().create_scheduler(num_training_steps, optimizer)
-        start = int(self.args.consistency_start * num_training_steps)
+        start = self.consistency_start_step(num_training_steps)
         if not fresh or not 0 < start < num_training_steps or \
                 not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # e.g. reduce_lr_on_plateau
             return scheduler
