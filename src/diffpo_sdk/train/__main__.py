@@ -329,8 +329,10 @@ def main(argv: list[str] | None = None) -> int:
         trainer.push_to_hub(commit_message=f"DiffPO refiner, recipe {cfg.recipe}")
     log.info("done %.1f s after start", time.time() - start)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # leave the process group before the interpreter exits: a rank torn down with gloo's
-        # threads still alive aborts ("terminate called without an active exception")
+        # leave the process group before the interpreter exits, all ranks together: a rank torn
+        # down while a peer still writes (rank 0 saves last) can abort in gloo's threads
+        # ("terminate called without an active exception", seen in CI)
+        trainer.accelerator.wait_for_everyone()
         torch.distributed.destroy_process_group()
     return 0
 
