@@ -36,7 +36,7 @@ def test_sft_phase_then_consistency_phase_held_on_the_sft_model(tiny_llama_dir: 
     held = TrajectoryDataset(RECORDS[:2], tok, 12, source="frontier",
                              states=lazy(TrajectoryDataset(RECORDS[:2], tok, 12)))
     args = DiffPOConfig(output_dir=str(tmp_path / "out"), recipe="sft-fast", max_response_tokens=12, max_steps=8,
-                        consistency_start=0.75,
+                        consistency_start=0.75, sft_max_epochs=2,
                         learning_rate=3e-3, per_device_train_batch_size=2, per_device_eval_batch_size=4,
                         eval_strategy="steps", eval_steps=2, save_strategy="no", logging_steps=1, disable_tqdm=True,
                         use_cpu=True, seed=0, guard_prompts=2, guard_action="warn", dataloader_pin_memory=False)
@@ -88,3 +88,43 @@ def test_sft_phase_then_consistency_phase_held_on_the_sft_model(tiny_llama_dir: 
 def test_consistency_start_is_a_share_of_the_steps(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--consistency-start"):
         DiffPOConfig(output_dir=str(tmp_path), consistency_start=1.0, use_cpu=True)
+
+
+def test_sft_phase_ends_after_one_epoch_when_the_share_is_more(tiny_llama_dir: str, tmp_path: Path) -> None:
+    """The default recipe's 60 % of a long run would be several epochs of SFT, which overfits:
+    its SFT phase stops at one epoch (6 prompts, batches of 2: 3 steps), unless told otherwise."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from diffpo_sdk.train.states import LazyStates
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    plain = TrajectoryDataset(RECORDS, tok, 12)
+    states = LazyStates(model, tok, [it["prompt"] for it in plain.items], [it["others"][0] for it in plain.items],
+                        12, plain.eot, plain.stop_ids, chunk=3, progress=False)
+    train = TrajectoryDataset(RECORDS, tok, 12, source="frontier", states=states)
+
+    def config(**kw: object) -> DiffPOConfig:
+        return DiffPOConfig(output_dir=str(tmp_path / "out"), max_response_tokens=12, max_steps=8,
+                            learning_rate=3e-3, per_device_train_batch_size=2, eval_strategy="no", save_strategy="no",
+                            logging_steps=1, disable_tqdm=True, use_cpu=True, seed=0, dataloader_pin_memory=False,
+                            **kw)
+
+    def start(**kw: object) -> int:
+        return DiffPOTrainer(model=model, args=config(**kw), train_dataset=train,
+                             processing_class=tok).consistency_start_step(8)
+
+    assert config().sft_max_epochs == 1.0  # the default recipe's cap
+    assert start() == 3  # 60 % of 8 steps is 4; one epoch is 3
+    assert start(sft_max_epochs=0) == 4 and start(sft_max_epochs=2) == 4
+    assert start(gradient_accumulation_steps=2) == 2  # 3 batches, 2 per step: one epoch is 2 steps
+    assert start(consistency_start=0.25) == 2  # a share below one epoch is kept
+    with pytest.raises(ValueError, match="--sft-max-epochs"):
+        config(sft_max_epochs=-1)
+
+    trainer = DiffPOTrainer(model=model, args=config(), train_dataset=train, processing_class=tok)
+    trainer.train()
+    weights = {h["step"]: h["consistency_weight"] for h in trainer.state.log_history if "consistency_weight" in h}
+    assert all(weights[s] == 0.0 for s in range(1, 4)) and weights[5] > 0
+    assert not trainer.sft_phase and "sft step 3" in train.states.model_id

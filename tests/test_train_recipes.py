@@ -107,7 +107,7 @@ def test_recipes_resolve(tmp_path: Path) -> None:
     assert (phased.consistency_start, phased.trajectory_source, phased.consistency_loss) == (0.6, "frontier", "ce")
     assert (phased.fixed_point_weight, phased.fixed_point_anchor, phased.guard) == (10.0, "kl", True)
     assert (phased.target_hold_weight, fast.target_hold_weight, phased.learning_rate) == (10.0, 0.0, 5e-5)
-    assert fast.consistency_start == 0.0
+    assert (fast.consistency_start, fast.sft_max_epochs, phased.sft_max_epochs) == (0.0, 0.0, 1.0)
 
     sft = cfg(tmp_path, recipe="sft")
     assert (sft.consistency_weight, sft.trajectory_source, sft.fixed_point_weight) == (0.0, "answers", 0.0)

@@ -17,13 +17,14 @@ options from the default recipe: there is no second set of defaults anywhere.
 - ``branches``: one-token branches off the preferred target, the wrong token a lower-ranked
   answer's (``target-branches``), cross-entropy toward the model's own clean prediction. Both
   terms point at the target, but measured it cost more L_AR than it bought speed (docs/training.md).
-- ``sft-fast``: ``sft`` for the first 60 % of the steps, then ``fast`` from the model that
-  phase made: the hold's reference, the frontier states' builder and the guards' baseline
-  become the SFT'd model (as DPO's reference is the SFT'd policy), so the speed is bought
-  without undoing the preference signal; a second KL hold keeps the SFT'd model's
-  distribution on the preferred targets' path too (``target_hold_weight``), and each phase
-  runs the whole learning-rate schedule. The built-in refiner was made by the same two
-  stages run as two commands (scripts/build-builtin-refiner.sh), without the target hold.
+- ``sft-fast``: ``sft`` for the first 60 % of the steps, at most one epoch (more SFT overfits
+  the shared data: docs/training.md), then ``fast`` from the model that phase made: the
+  hold's reference, the frontier states' builder and the guards' baseline become the SFT'd
+  model (as DPO's reference is the SFT'd policy), so the speed is bought without undoing the
+  preference signal; a second KL hold keeps the SFT'd model's distribution on the preferred
+  targets' path too (``target_hold_weight``), and each phase runs the whole learning-rate
+  schedule. The built-in refiner was made by the same two stages run as two commands
+  (scripts/build-builtin-refiner.sh), without the target hold.
 - ``sft``: the SFT-only control (w = 0): L_AR on the best answers, nothing else.
 
 Pure Python: importing it pulls in neither torch nor transformers.
@@ -45,7 +46,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 #: the options a recipe sets (DiffPO's own, then the TrainingArguments ones)
 LOSS_KEYS = ("trajectory_source", "consistency_loss", "consistency_mask", "consistency_normalize",
-             "consistency_weight", "consistency_warmup_ratio", "consistency_start", "fixed_point_weight",
+             "consistency_weight", "consistency_warmup_ratio", "consistency_start", "sft_max_epochs", "fixed_point_weight",
              "fixed_point_anchor", "target_hold_weight")
 TRAIN_KEYS = ("learning_rate", "lr_scheduler_type", "warmup_steps", "gradient_accumulation_steps",
               "num_train_epochs", "weight_decay", "guard")
@@ -53,24 +54,24 @@ TRAIN_KEYS = ("learning_rate", "lr_scheduler_type", "warmup_steps", "gradient_ac
 _FAST: dict[str, Any] = {
     "trajectory_source": "frontier", "consistency_loss": "ce", "consistency_mask": "none",
     "consistency_normalize": "token", "consistency_weight": 2.0, "consistency_warmup_ratio": 0.1,
-    "consistency_start": 0.0, "fixed_point_weight": 5.0, "fixed_point_anchor": "kl", "target_hold_weight": 0.0,
-    "learning_rate": 3e-5, "lr_scheduler_type": "linear", "warmup_steps": 0.0, "gradient_accumulation_steps": 1,
-    "num_train_epochs": 3.0, "weight_decay": 0.0, "guard": True,
+    "consistency_start": 0.0, "sft_max_epochs": 0.0, "fixed_point_weight": 5.0, "fixed_point_anchor": "kl",
+    "target_hold_weight": 0.0, "learning_rate": 3e-5, "lr_scheduler_type": "linear", "warmup_steps": 0.0,
+    "gradient_accumulation_steps": 1, "num_train_epochs": 3.0, "weight_decay": 0.0, "guard": True,
 }
 
 RECIPES: dict[str, dict[str, Any]] = {
     "paper": {
         "trajectory_source": "answers", "consistency_loss": "kl", "consistency_mask": "none",
         "consistency_normalize": "sum", "consistency_weight": 1000.0, "consistency_warmup_ratio": 0.0,
-        "consistency_start": 0.0, "fixed_point_weight": 0.0, "fixed_point_anchor": "kl", "target_hold_weight": 0.0,
-        "learning_rate": 1e-9, "lr_scheduler_type": "cosine", "warmup_steps": 0.03, "gradient_accumulation_steps": 4,
-        "num_train_epochs": 1.0, "weight_decay": 0.0, "guard": False,
+        "consistency_start": 0.0, "sft_max_epochs": 0.0, "fixed_point_weight": 0.0, "fixed_point_anchor": "kl",
+        "target_hold_weight": 0.0, "learning_rate": 1e-9, "lr_scheduler_type": "cosine", "warmup_steps": 0.03,
+        "gradient_accumulation_steps": 4, "num_train_epochs": 1.0, "weight_decay": 0.0, "guard": False,
     },
     "fast": _FAST,
     "branches": {**_FAST, "trajectory_source": "target-branches", "consistency_weight": 0.3,
                 "consistency_warmup_ratio": 0.0, "fixed_point_weight": 0.0},
-    "sft-fast": {**_FAST, "consistency_start": 0.6, "fixed_point_weight": 10.0, "target_hold_weight": 10.0,
-                 "learning_rate": 5e-5},
+    "sft-fast": {**_FAST, "consistency_start": 0.6, "sft_max_epochs": 1.0, "fixed_point_weight": 10.0,
+                 "target_hold_weight": 10.0, "learning_rate": 5e-5},
     "sft": {**_FAST, "trajectory_source": "answers", "consistency_weight": 0.0, "consistency_warmup_ratio": 0.0,
             "fixed_point_weight": 0.0},
 }
@@ -90,7 +91,7 @@ DIFFERS_FROM_PAPER: dict[str, str] = {
                "model's own greedy token on the preferred target's path, after one wrong token taken from a "
                "lower-ranked answer at that position (a one-token branch off y^(T)); mean over positions, w = 0.3, "
                 "lr 3e-5, guards on",
-    "sft-fast": "the first 60 % of the steps are L_AR alone (SFT); the rest is the fast recipe (not the paper's "
+    "sft-fast": "the first 60 % of the steps, at most one epoch, are L_AR alone (SFT); the rest is the fast recipe (not the paper's "
                 "objective: cross-entropy on one-token branches off the refiner's own greedy answer, w = 2 ramped "
                 "over the first 10 % of that phase, a KL hold of weight 10 on its greedy path) with the SFT'd "
                 "model as the hold's reference, the branches' source and the guards' baseline, plus a KL hold "

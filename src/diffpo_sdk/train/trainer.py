@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import random
 import warnings
 from collections import defaultdict
@@ -59,6 +60,7 @@ class DiffPOConfig(TrainingArguments):
     consistency_weight: float | None = field(default=None, metadata=_recipe_help("w in L = L_AR + w * L_Con (0 = SFT-only control)"))
     consistency_warmup_ratio: float | None = field(default=None, metadata=_recipe_help("w ramps linearly from 0 over this share of the steps"))
     consistency_start: float | None = field(default=None, metadata=_recipe_help("share of the steps trained on L_AR alone before the consistency phase; when it starts, the model as it is then becomes the hold's reference, the frontier states' builder and the guards' baseline (evaluations before it are skipped)"))
+    sft_max_epochs: float | None = field(default=None, metadata=_recipe_help("the SFT phase ends after this many epochs of the training data if --consistency-start's share of the steps is more (0: no cap): a second epoch of SFT overfits a small dataset"))
     consistency_mask: Literal["none", "prefix", "argmax"] | None = field(default=None, metadata=_recipe_help("which positions L_Con counts"))
     consistency_normalize: Literal["token", "sum"] | None = field(default=None, metadata=_recipe_help("sum (paper: L_AR and L_Con each summed over the N positions) | token (each a mean over its counted positions)"))
     consistency_loss: Literal["kl", "ce"] | None = field(default=None, metadata=_recipe_help("kl (paper: forward KL from the stop-gradient teacher) | ce (cross-entropy toward the teacher's greedy token)"))
@@ -118,6 +120,8 @@ class DiffPOConfig(TrainingArguments):
             check_choice(option, getattr(self, option))
         if not 0.0 <= self.consistency_start < 1.0:
             raise ValueError(f"--consistency-start {self.consistency_start}: use a share of the steps in [0, 1)")
+        if self.sft_max_epochs < 0:
+            raise ValueError(f"--sft-max-epochs {self.sft_max_epochs}: use a number of epochs, or 0 for no cap")
         super().__post_init__()
 
 
@@ -286,11 +290,15 @@ def loss_kwargs(cfg: DiffPOConfig) -> dict[str, Any]:
 
 
 class ConsistencyPhase(TrainerCallback):
-    """Ends the SFT phase once ``--consistency-start`` of the steps are done (see
+    """Ends the SFT phase at :meth:`DiffPOTrainer.consistency_start_step` (see
     :meth:`DiffPOTrainer.start_consistency_phase`); a run resumed past it switches after its first step."""
 
     def __init__(self, trainer: DiffPOTrainer):
         self.trainer = trainer
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        log.info("SFT phase: the first %d of %d steps (one epoch: %d steps)", self.trainer.consistency_start_step(),
+                 state.max_steps, self.trainer.steps_per_epoch())
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         t = self.trainer
@@ -370,9 +378,22 @@ class DiffPOTrainer(Trainer):
     # -- loss ------------------------------------------------------------------------------
 
     def consistency_start_step(self, num_training_steps: int | None = None) -> int:
-        """The step at which the consistency phase starts (of ``num_training_steps``, default the run's)."""
+        """The step at which the consistency phase starts (of ``num_training_steps``, default the
+        run's): ``--consistency-start`` of the steps, or ``--sft-max-epochs`` epochs if fewer."""
         steps = self.state.max_steps if num_training_steps is None else num_training_steps
-        return int(self.args.consistency_start * steps)
+        start = int(self.args.consistency_start * steps)
+        cap = self.args.sft_max_epochs
+        if start > 0 and cap > 0 and self.train_dataset is not None:
+            start = min(start, max(1, math.ceil(cap * self.steps_per_epoch())))
+        return start
+
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one epoch of the training data, counted as ``Trainer`` counts them."""
+        args = self.args
+        batch = args.per_device_train_batch_size * args.world_size
+        batches = len(self.train_dataset) // batch if args.dataloader_drop_last else \
+            math.ceil(len(self.train_dataset) / batch)
+        return max(1, math.ceil(batches / args.gradient_accumulation_steps))
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
         """With an SFT phase, each phase runs the whole schedule (warm-up, then decay) over its
