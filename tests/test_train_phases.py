@@ -17,24 +17,31 @@ RECORDS = [
 ]
 
 
-def test_sft_phase_then_consistency_phase_held_on_the_sft_model(tiny_llama_dir: str, tmp_path: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-
-    from diffpo_sdk.train.states import EpochOrder, LazyStates
+def tiny_model(tiny_llama_dir: str) -> tuple[object, object]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    plain = TrajectoryDataset(RECORDS, tok, 12)
+    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32), \
+        AutoTokenizer.from_pretrained(tiny_llama_dir)
 
-    def lazy(recs_items: TrajectoryDataset) -> LazyStates:
-        return LazyStates(model, tok, [it["prompt"] for it in recs_items.items],
-                          [it["others"][0] for it in recs_items.items], 12, plain.eot, plain.stop_ids,
-                          chunk=3, progress=False)
 
-    train = TrajectoryDataset(RECORDS, tok, 12, source="frontier", states=lazy(plain))
-    held = TrajectoryDataset(RECORDS[:2], tok, 12, source="frontier",
-                             states=lazy(TrajectoryDataset(RECORDS[:2], tok, 12)))
+def frontier_data(records: list[dict], model: object, tok: object) -> TrajectoryDataset:
+    """``records`` as frontier trajectories (N = 12) whose states ``model`` builds lazily, 3 prompts at a time."""
+    from diffpo_sdk.train.states import LazyStates
+
+    plain = TrajectoryDataset(records, tok, 12)
+    states = LazyStates(model, tok, [it["prompt"] for it in plain.items], [it["others"][0] for it in plain.items],
+                        12, plain.eot, plain.stop_ids, chunk=3, progress=False)
+    return TrajectoryDataset(records, tok, 12, source="frontier", states=states)
+
+
+def test_sft_phase_then_consistency_phase_held_on_the_sft_model(tiny_llama_dir: str, tmp_path: Path) -> None:
+    from transformers import TrainerCallback
+
+    from diffpo_sdk.train.states import EpochOrder
+
+    model, tok = tiny_model(tiny_llama_dir)
+    train, held = frontier_data(RECORDS, model, tok), frontier_data(RECORDS[:2], model, tok)
     args = DiffPOConfig(output_dir=str(tmp_path / "out"), recipe="sft-fast", max_response_tokens=12, max_steps=8,
                         consistency_start=0.75, sft_max_epochs=2,
                         learning_rate=3e-3, per_device_train_batch_size=2, per_device_eval_batch_size=4,
@@ -93,17 +100,8 @@ def test_consistency_start_is_a_share_of_the_steps(tmp_path: Path) -> None:
 def test_sft_phase_ends_after_one_epoch_when_the_share_is_more(tiny_llama_dir: str, tmp_path: Path) -> None:
     """The default recipe's 60 % of a long run would be several epochs of SFT, which overfits:
     its SFT phase stops at one epoch (6 prompts, batches of 2: 3 steps), unless told otherwise."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from diffpo_sdk.train.states import LazyStates
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    plain = TrajectoryDataset(RECORDS, tok, 12)
-    states = LazyStates(model, tok, [it["prompt"] for it in plain.items], [it["others"][0] for it in plain.items],
-                        12, plain.eot, plain.stop_ids, chunk=3, progress=False)
-    train = TrajectoryDataset(RECORDS, tok, 12, source="frontier", states=states)
+    model, tok = tiny_model(tiny_llama_dir)
+    train = frontier_data(RECORDS, model, tok)
 
     def config(**kw: object) -> DiffPOConfig:
         return DiffPOConfig(output_dir=str(tmp_path / "out"), max_response_tokens=12, max_steps=8,

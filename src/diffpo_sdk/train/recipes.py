@@ -46,8 +46,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 #: the options a recipe sets (DiffPO's own, then the TrainingArguments ones)
 LOSS_KEYS = ("trajectory_source", "consistency_loss", "consistency_mask", "consistency_normalize",
-             "consistency_weight", "consistency_warmup_ratio", "consistency_start", "sft_max_epochs", "fixed_point_weight",
-             "fixed_point_anchor", "target_hold_weight")
+             "consistency_weight", "consistency_warmup_ratio", "consistency_start", "sft_max_epochs",
+             "fixed_point_weight", "fixed_point_anchor", "target_hold_weight")
 TRAIN_KEYS = ("learning_rate", "lr_scheduler_type", "warmup_steps", "gradient_accumulation_steps",
               "num_train_epochs", "weight_decay", "guard")
 
@@ -91,12 +91,12 @@ DIFFERS_FROM_PAPER: dict[str, str] = {
                "model's own greedy token on the preferred target's path, after one wrong token taken from a "
                "lower-ranked answer at that position (a one-token branch off y^(T)); mean over positions, w = 0.3, "
                 "lr 3e-5, guards on",
-    "sft-fast": "the first 60 % of the steps, at most one epoch, are L_AR alone (SFT); the rest is the fast recipe (not the paper's "
-                "objective: cross-entropy on one-token branches off the refiner's own greedy answer, w = 2 ramped "
-                "over the first 10 % of that phase, a KL hold of weight 10 on its greedy path) with the SFT'd "
-                "model as the hold's reference, the branches' source and the guards' baseline, plus a KL hold "
-                "(weight 10) toward the SFT'd model on the preferred targets' path; each phase runs the whole "
-                "learning-rate schedule",
+    "sft-fast": "the first 60 % of the steps, at most one epoch, are L_AR alone (SFT); the rest is the fast "
+                "recipe (not the paper's objective: cross-entropy on one-token branches off the refiner's own "
+                "greedy answer, w = 2 ramped over the first 10 % of that phase, a KL hold of weight 10 on its "
+                "greedy path) with the SFT'd model as the hold's reference, the branches' source and the guards' "
+                "baseline, plus a KL hold (weight 10) toward the SFT'd model on the preferred targets' path; each "
+                "phase runs the whole learning-rate schedule",
     "sft": "the SFT-only control: L_AR alone on the best answers (w = 0), no consistency term",
 }
 
