@@ -138,8 +138,9 @@ def test_prefix_mask() -> None:
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_frontier_branches_equal_plain_forwards(tiny_llama_dir: str, attn: str) -> None:
-    """A packed branch's logit is p(. | x, y*_<d, w) and its teacher p(. | x, y*_<=d), each
-    checked against an ordinary forward of that unpadded sequence."""
+    """A packed branch's logit is p(. | x, y*_<d, w), its teacher p(. | x, y*_<=d) and a
+    packed target's logit p(. | x, y^(T)_<i), each checked against an ordinary forward of
+    that unpadded sequence."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from diffpo_sdk.train.loss import frontier_logits, frontier_rows
@@ -152,9 +153,11 @@ def test_frontier_branches_equal_plain_forwards(tiny_llama_dir: str, attn: str) 
     fixed = [ds.padded(ds.items[0]["target"]), ds.padded(ds.items[1]["others"][0])]
     # rows with different numbers of branches; one token each, or a run of wrong guesses
     branches = [[(0, 7), (2, [11, 12, 14]), (4, 13)], [(1, 5)]]
-    batch = frontier_rows(prompts, fixed, branches, ds.pad)
+    targets = [ds.padded(ds.items[0]["others"][0]), ds.padded(ds.items[1]["target"])]
+    batch = frontier_rows(prompts, fixed, branches, ds.pad, targets)
     with torch.no_grad():
-        fixed_logits, teacher, student = frontier_logits(model, batch, n)
+        fixed_logits, teacher, student, target = frontier_logits(model, batch, n)
+        assert frontier_logits(model, frontier_rows(prompts, fixed, branches, ds.pad), n).target is None
 
         def last_logit(seq: list[int]) -> torch.Tensor:
             return model(input_ids=torch.tensor([seq])).logits[0, -1]
@@ -168,8 +171,9 @@ def test_frontier_branches_equal_plain_forwards(tiny_llama_dir: str, attn: str) 
                     torch.testing.assert_close(got, last_logit(p + y[:d] + ws[: i + 1]), rtol=1e-4, atol=1e-4)
                     torch.testing.assert_close(teacher[r, k], last_logit(p + y[: d + i + 1]), rtol=1e-4, atol=1e-4)
                     k += 1
-            for i in range(n):  # the clean path predicts y*_i from [x, y*_<i]
+            for i in range(n):  # the clean path predicts y*_i from [x, y*_<i], the target's y^(T)_i from [x, y^(T)_<i]
                 torch.testing.assert_close(fixed_logits[r, i], last_logit(p + y[:i]), rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(target[r, i], last_logit(p + targets[r][:i]), rtol=1e-4, atol=1e-4)
     assert batch["frontier_valid"].tolist() == [[1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
     assert batch["frontier_pos"][0].tolist() == [0, 2, 3, 4, 4]
 
@@ -191,7 +195,7 @@ def test_frontier_loss_counts_valid_branches_and_trains_only_the_student(tiny) -
     for kind in ("kl", "ce"):
         out = diffpo_loss(model, batch, 2.0, mask="none", kind=kind, fixed_point_weight=0.0)
         with torch.no_grad():
-            _, teacher, student = frontier_logits(model, batch, n)
+            _, teacher, student, _ = frontier_logits(model, batch, n)
             per = (token_kl(teacher, student) if kind == "kl" else
                    torch.nn.functional.cross_entropy(student.transpose(1, 2), teacher.argmax(-1), reduction="none"))
             v = batch["frontier_valid"].float()
@@ -208,8 +212,8 @@ def test_frontier_loss_counts_valid_branches_and_trains_only_the_student(tiny) -
     g_ar = [p.grad.clone() for p in params]
     model.zero_grad()
     with torch.no_grad():
-        _, teacher, _ = frontier_logits(model, batch, n)
-    _, _, student = frontier_logits(model, batch, n)
+        teacher = frontier_logits(model, batch, n).teacher
+    student = frontier_logits(model, batch, n).student
     v = batch["frontier_valid"].float()
     ((token_kl(teacher, student) * v).sum() / v.sum()).backward()
     for full, ar, p in zip(g_full, g_ar, params):
@@ -330,3 +334,52 @@ def test_target_hold_is_kl_from_the_reference_on_the_target(tiny) -> None:
     assert all(p.grad is None for p in other.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
     model.zero_grad()
+
+
+def test_packed_target_gives_the_loss_of_separate_target_rows_in_one_forward(tiny) -> None:
+    """The collator packs the preferred target into the frontier rows: the default recipe's
+    whole loss (L_AR, L_Con, both KL holds) and its gradient equal those computed with the
+    target in rows of its own, and the model and the reference each run one forward, not two."""
+    import copy
+
+    from diffpo_sdk.train.loss import frontier_rows
+
+    model, tok = tiny
+    n = 8
+    _, ds, packed = fixed_point_batch(tok, n)
+    feats = [ds.get(i, deterministic=True) for i in range(len(ds))]
+    assert "target_ids" not in packed and int(packed["frontier_target_slots"]) == n - 1
+    separate = dict(frontier_rows([f["prompt"] for f in feats], [f["fixed"] for f in feats],
+                                  [f["branches"] for f in feats], ds.pad))
+    separate["target_ids"], separate["target_attention_mask"] = DiffPOCollator(ds.pad)._rows(
+        [f["prompt"] for f in feats], [f["target"] for f in feats])
+    for key in ("target_answer", "target_mask", "frontier_fixed_mask"):
+        separate[key] = packed[key]
+    other = copy.deepcopy(model).requires_grad_(False)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    calls = {"model": 0, "reference": 0}
+    hooks = [m.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+             for name, m in (("model", model), ("reference", other))]
+    options = dict(mask="none", kind="ce", fixed_point_weight=3.0, target_hold_weight=2.0, reference=other)
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    try:
+        for batch in (packed, separate):
+            model.zero_grad()
+            calls.update(model=0, reference=0)
+            out = diffpo_loss(model, batch, 1.5, **options)
+            out.loss.backward()
+            results.append((out, dict(calls), [p.grad.clone() for p in params]))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.zero_grad()
+    (one, one_calls, one_grads), (two, two_calls, two_grads) = results
+    assert one_calls == {"model": 1, "reference": 1} and two_calls == {"model": 2, "reference": 2}
+    assert float(two.target_hold_loss) > 1e-4 and float(two.fixed_loss) > 1e-4
+    for name in ("loss", "ar_loss", "con_loss", "fixed_loss", "target_hold_loss"):
+        torch.testing.assert_close(getattr(one, name), getattr(two, name), rtol=1e-4, atol=1e-5)
+    for a, b in zip(one_grads, two_grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)

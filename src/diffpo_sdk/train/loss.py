@@ -28,8 +28,9 @@ guess; the teacher p(. | x, y*_<=d) is the clean logit at d in the same forward.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -78,20 +79,25 @@ def answer_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
 
 
 def frontier_rows(prompts: list[list[int]], fixed: list[list[int]], branches: list[list[tuple[int, Any]]],
-                  pad: int) -> dict[str, torch.Tensor]:
-    """Pack ``[x, y*, branches]`` rows for the ``frontier`` consistency term.
+                  pad: int, targets: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
+    """Pack ``[x, y*, branches, y^(T)]`` rows for the ``frontier`` consistency term.
 
     ``fixed`` holds y* cut or padded to N; ``branches`` per row (answer position d, wrong
     guesses) pairs, the guesses one token w or a run [w_d, w_d+1, ...]. Rows are left-padded
-    so the N answer slots and then the branch slots end every row. A branch token for answer
-    position j = d + i sits at position ``len(x) + j`` and attends to ``x``, ``y*_<d`` and the
-    run up to itself: its logit predicts position j + 1 after i + 1 wrong guesses, and its
-    teacher is the clean logit at j. Padding slots attend to themselves only.
+    so the N answer slots, the branch slots and the target slots end every row. A branch token
+    for answer position j = d + i sits at position ``len(x) + j`` and attends to ``x``,
+    ``y*_<d`` and the run up to itself: its logit predicts position j + 1 after i + 1 wrong
+    guesses, and its teacher is the clean logit at j. ``targets`` (the preferred answers, N
+    tokens) add their first N - 1 tokens, attending to ``x`` and the target before them, so
+    L_AR and the target hold read the same forward instead of one of their own (the logit
+    predicting a target's first token is the clean path's first: both follow ``x``).
+    Padding slots attend to themselves only.
     """
     n = len(fixed[0])
     runs = [[(d, [w] if isinstance(w, int) else list(w)) for d, w in br] for br in branches]
     k = max(1, max(sum(len(ws) for _, ws in br) for br in runs))
-    width = max(len(p) for p in prompts) + n + k
+    t = n - 1 if targets is not None else 0  # target slots
+    width = max(len(p) for p in prompts) + n + k + t
     rows = len(prompts)
     ids = torch.full((rows, width), pad, dtype=torch.long)
     pos = torch.zeros((rows, width), dtype=torch.long)
@@ -100,8 +106,8 @@ def frontier_rows(prompts: list[list[int]], fixed: list[list[int]], branches: li
     valid = torch.zeros((rows, k), dtype=torch.long)
     causal = torch.ones((width, width), dtype=torch.bool).tril()
     for r, (p, y, br) in enumerate(zip(prompts, fixed, runs)):
-        start = width - k - n - len(p)  # first real slot of this row
-        end = width - k  # end of the y* slots
+        start = width - t - k - n - len(p)  # first real slot of this row
+        end = width - t - k  # end of the y* slots
         ids[r, start:end] = torch.tensor(list(p) + list(y), dtype=torch.long)
         pos[r, start:end] = torch.arange(end - start)
         allow[r, start:end, start:end] = causal[: end - start, : end - start]
@@ -115,28 +121,46 @@ def frontier_rows(prompts: list[list[int]], fixed: list[list[int]], branches: li
                 allow[r, slot, first:slot + 1] = True
                 bpos[r, j + i], valid[r, j + i] = d + i, 1
             j += len(ws)
-    return {"frontier_ids": ids, "frontier_position_ids": pos, "frontier_allow": allow[:, None],
-            "frontier_pos": bpos, "frontier_valid": valid, "frontier_fixed": torch.tensor(fixed, dtype=torch.long)}
+        if t:
+            ids[r, width - t:] = torch.tensor(targets[r][:t], dtype=torch.long)
+            pos[r, width - t:] = len(p) + torch.arange(t)
+            allow[r, width - t:, start:start + len(p)] = True
+            allow[r, width - t:, width - t:] = causal[:t, :t]
+    out = {"frontier_ids": ids, "frontier_position_ids": pos, "frontier_allow": allow[:, None],
+           "frontier_pos": bpos, "frontier_valid": valid, "frontier_fixed": torch.tensor(fixed, dtype=torch.long)}
+    if t:
+        out["frontier_target_slots"] = torch.tensor(t)
+    return out
 
 
-def frontier_logits(model: Any, batch: dict[str, torch.Tensor], n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits of the packed rows of :func:`frontier_rows`: ``(fixed, teacher, student)``.
+class FrontierLogits(NamedTuple):
+    """The logits of one packed forward of :func:`frontier_rows`."""
 
-    ``fixed`` (B, N, V) predicts y*_0..y*_N-1 on the clean path (with gradient: the
-    fixed-point term trains it); ``teacher`` (B, K, V), detached, is the clean logit at each
-    branch's position; ``student`` (B, K, V) are the branches' own logits.
-    """
+    #: (B, N, V): predicts y*_0..y*_N-1 on the clean path (with gradient: the fixed-point hold trains it)
+    fixed: torch.Tensor
+    #: (B, K, V), detached: the clean logit at each branch's position
+    teacher: torch.Tensor
+    #: (B, K, V): the branches' own logits
+    student: torch.Tensor
+    #: (B, N, V): predicts the target's N tokens, when the rows carry it (else None)
+    target: torch.Tensor | None
+
+
+def frontier_logits(model: Any, batch: dict[str, torch.Tensor], n: int) -> FrontierLogits:
+    """Logits of the packed rows of :func:`frontier_rows`."""
     allow = batch["frontier_allow"]
     config = getattr(model, "config", None)
     if getattr(config, "_attn_implementation", "sdpa") != "sdpa":  # eager & co. add the mask
         dtype = next(model.parameters()).dtype
         allow = torch.zeros(allow.shape, dtype=dtype, device=allow.device).masked_fill(~allow, torch.finfo(dtype).min)
     k = batch["frontier_pos"].shape[1]
+    t = int(batch["frontier_target_slots"]) if "frontier_target_slots" in batch else 0
     logits = model(input_ids=batch["frontier_ids"], attention_mask=allow,
-                   position_ids=batch["frontier_position_ids"], logits_to_keep=n + k + 1, use_cache=False).logits
-    fixed, clean, student = logits[:, :n], logits[:, 1:n + 1], logits[:, n + 1:]
+                   position_ids=batch["frontier_position_ids"], logits_to_keep=n + k + t + 1, use_cache=False).logits
+    fixed, clean, student = logits[:, :n], logits[:, 1:n + 1], logits[:, n + 1:n + 1 + k]
+    target = torch.cat([logits[:, :1], logits[:, n + 1 + k:]], dim=1) if t else None
     index = batch["frontier_pos"][..., None].expand(-1, -1, clean.shape[-1])
-    return fixed, clean.gather(1, index).detach(), student
+    return FrontierLogits(fixed, clean.gather(1, index).detach(), student, target)
 
 
 def _kl_chunk(t_logits: torch.Tensor, s_logits: torch.Tensor) -> torch.Tensor:
@@ -220,7 +244,8 @@ def diffpo_loss(model: Any, batch: dict[str, torch.Tensor], weight: float, *, ma
     whose teacher is the refiner's own fixed point) get one extra no-grad forward. A batch
     from the ``frontier`` source (``frontier_ids`` & co., see :func:`frontier_rows`) has
     instead one packed forward whose branches are the students and whose clean y* logits
-    are the teachers.
+    are the teachers; the collator packs the target into the same rows, so L_AR (and the
+    reference's holds) cost no forward of their own.
 
     ``kind``: ``"kl"`` (the paper) or ``"ce"``, cross-entropy toward the teacher's argmax.
     Options left ``None`` take the default recipe's value (:mod:`~diffpo_sdk.train.recipes`).
@@ -252,9 +277,15 @@ def diffpo_loss(model: Any, batch: dict[str, torch.Tensor], weight: float, *, ma
     packed = frontier_logits(model, batch, n) if "frontier_ids" in batch else None
     if "target_ids" in batch:
         t_logits = answer_logits(model, batch["target_ids"], batch["target_attention_mask"], n)
-    else:  # the packed rows' clean path is the target itself (source ``target-branches``)
+    else:  # the packed rows carry the target, or their clean path is the target (``target-branches``)
         assert packed is not None, "a batch needs target_ids, or frontier rows on the target"
-        t_logits = packed[0]
+        t_logits = packed.fixed if packed.target is None else packed.target
+
+    @functools.cache
+    def reference_packed() -> FrontierLogits:
+        """The reference's packed forward: one, whichever holds read it."""
+        with torch.no_grad():
+            return frontier_logits(reference, batch, n)
     tmask = batch["target_mask"].float()
     nll = token_nll(t_logits, batch["target_answer"], chunk)
     ar_total = (nll * tmask).sum()
@@ -264,9 +295,12 @@ def diffpo_loss(model: Any, batch: dict[str, torch.Tensor], weight: float, *, ma
     # the loss so far: L_AR, plus the target hold when there is one (reported detached)
     loss = ar
     target_hold = None
-    if target_hold_weight and reference is not None and "target_ids" in batch:
-        with torch.no_grad():
-            ref_t = answer_logits(reference, batch["target_ids"], batch["target_attention_mask"], n)
+    if target_hold_weight and reference is not None and ("target_ids" in batch or packed.target is not None):
+        if "target_ids" in batch:
+            with torch.no_grad():
+                ref_t = answer_logits(reference, batch["target_ids"], batch["target_attention_mask"], n)
+        else:
+            ref_t = reference_packed().target
         target_hold = (token_kl(ref_t, t_logits, chunk) * tmask).sum() / tmask.sum().clamp(min=1)
         loss = loss + target_hold_weight * target_hold
         target_hold = target_hold.detach()
@@ -278,16 +312,14 @@ def diffpo_loss(model: Any, batch: dict[str, torch.Tensor], weight: float, *, ma
 
     fixed_loss = None
     if "frontier_ids" in batch:
-        f_logits, teacher, s_logits = packed
+        f_logits, teacher, s_logits = packed.fixed, packed.teacher, packed.student
         cmask = batch["frontier_valid"].float()
         if fixed_point_weight:
             fmask = batch.get("frontier_fixed_mask", torch.ones_like(batch["frontier_fixed"])).float()
             if reference is None:
                 f_div = token_nll(f_logits, batch["frontier_fixed"], chunk)
             else:
-                with torch.no_grad():
-                    ref_logits, _, _ = frontier_logits(reference, batch, n)
-                f_div = token_kl(ref_logits, f_logits, chunk)
+                f_div = token_kl(reference_packed().fixed, f_logits, chunk)
             fixed_loss = (f_div * fmask).sum() / fmask.sum().clamp(min=1)
         base = cmask
         if mask == "argmax":

@@ -263,13 +263,13 @@ class DiffPOCollator:
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         prompts = [f["prompt"] for f in features]
         out: dict[str, torch.Tensor] = {}
-        if "branches" in features[0]:  # the frontier sources: target rows + packed branch rows
-            if not features[0].get("on_target"):  # on the target, L_AR reads the packed rows' clean path
-                out["target_ids"], out["target_attention_mask"] = self._rows(prompts, [f["target"] for f in features])
-            out["target_answer"] = torch.tensor([f["target"] for f in features], dtype=torch.long)
+        if "branches" in features[0]:  # the frontier sources: one packed forward for everything
+            targets = [f["target"] for f in features]
+            out["target_answer"] = torch.tensor(targets, dtype=torch.long)
             out["target_mask"] = torch.tensor([f["target_mask"] for f in features], dtype=torch.long)
+            # on the target (``target-branches``) the clean path is the target: no target slots
             out.update(frontier_rows(prompts, [f["fixed"] for f in features], [f["branches"] for f in features],
-                                     self.pad_id))
+                                     self.pad_id, None if features[0].get("on_target") else targets))
             out["frontier_fixed_mask"] = torch.tensor([f["fixed_mask"] for f in features], dtype=torch.long)
             return out
         for name in ("target", "student", "teacher"):
