@@ -286,6 +286,7 @@ def diffpo_loss(model: Any, batch: dict[str, torch.Tensor], weight: float, *, ma
         """The reference's packed forward: one, whichever holds read it."""
         with torch.no_grad():
             return frontier_logits(reference, batch, n)
+
     tmask = batch["target_mask"].float()
     nll = token_nll(t_logits, batch["target_answer"], chunk)
     ar_total = (nll * tmask).sum()
