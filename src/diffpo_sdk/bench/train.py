@@ -33,7 +33,6 @@ def main(argv: list[str] | None = None) -> int:
     from ..shared_data import ALPACA_PREFERENCES, shared_file
     from ..train.data import from_scored, load_trajectories
     from ..train.loss import diffpo_loss, frontier_rows
-    from ..train.recipes import DEFAULT_RECIPE, recipe_values
     from ..train.reference import frozen_copy
     from ..train.trainer import DiffPOCollator, TrajectoryDataset
 
@@ -93,15 +92,14 @@ def main(argv: list[str] | None = None) -> int:
                     **{k: batch[k] for k in (*answer_keys, "target_ids", "target_attention_mask")})
     packed, separate = ({k: v.to(device) for k, v in b.items()} for b in (packed, separate))
     reference = frozen_copy(model)  # the default recipe's holds compare against a frozen model
-    holds = {k: recipe_values(DEFAULT_RECIPE)[k] for k in ("fixed_point_weight", "target_hold_weight")}
 
     def frontier() -> None:
         diffpo_loss(model, packed, 1.0, kind="ce", mask="none", fixed_point_weight=0.0).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def default_step(rows: dict[str, torch.Tensor]) -> None:
-        diffpo_loss(model, rows, 1.0, kind="ce", mask="none", reference=reference, **holds).loss.backward()
+    def default_step(rows: dict[str, torch.Tensor]) -> None:  # diffpo_loss's options default to that recipe's
+        diffpo_loss(model, rows, 1.0, reference=reference).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
