@@ -345,6 +345,8 @@ class DiffPOTrainer(Trainer):
         if anchored and not self.sft_phase:
             ref = ref_model if ref_model is not None else reference_model(self.model)
             self.ref_model = prepare_reference(ref, self.accelerator)
+        elif isinstance(ref_model, torch.nn.Module):  # a frozen copy kept to measure: where the model trains
+            ref_model.to(next(self.model.parameters()).device)
         if self.sft_phase:  # the SFT phase trains on the targets alone: no branches, no states yet
             for ds in (self.train_dataset, self.eval_dataset):
                 if ds is not None:
