@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The default recipe with far more steps than a CPU budget allows, beside the SFT control, on a
-# machine with an NVIDIA GPU (docs/training.md, "On a GPU"). One call, install included:
+# machine with an NVIDIA GPU (docs/training.md, "The default recipe with far more steps"). One call,
+# install included:
 #   the `sft` control (one epoch of the preferred answers), then `sft-fast` (the same epoch of
 #   SFT, then STEPS - 600 consistency steps), both as full fine-tunes of SmolLM2-135M-Instruct at
 #   N = 32 on the shared AlpacaEval trajectories, each printing its final table (untrained vs
@@ -10,9 +11,8 @@
 #   OUT=/tmp/out scripts/gpu-train.sh                 # on the GPU (STEPS=3000 by default)
 #   OUT=/tmp/out scripts/gpu-train.sh --device cpu    # dry run: a few steps on a few prompts
 #
-# DATA is the folder of the shared data (alpaca_eval/ and hh_rlhf/; default $DIFFPO_SHARED_DATA, else
-# ../shared/data);
-# PYTHON picks the interpreter (default python3); DIFFPO_SKIP_INSTALL=1 skips the pip install.
+# DATA is the folder of the shared data (alpaca_eval/ and hh_rlhf/; default $DIFFPO_SHARED_DATA,
+# else ../shared/data); PYTHON picks the interpreter (default python3); DIFFPO_SKIP_INSTALL=1 skips the pip install.
 # Writes $OUT/gpu-train.md (both tables) and each run's folder under $OUT/runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
