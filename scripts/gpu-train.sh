@@ -12,7 +12,8 @@
 #   OUT=/tmp/out scripts/gpu-train.sh --device cpu    # dry run: a few steps on a few prompts
 #
 # DATA is the folder of the shared data (alpaca_eval/ and hh_rlhf/; default $DIFFPO_SHARED_DATA,
-# else ../shared/data); PYTHON picks the interpreter (default python3); DIFFPO_SKIP_INSTALL=1 skips the pip install.
+# else ../shared/data); PYTHON picks the interpreter (default python3); DIFFPO_SKIP_INSTALL=1
+# skips the pip install.
 # Writes $OUT/gpu-train.md (both tables) and each run's folder under $OUT/runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
