@@ -18,7 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/gpu-env.sh "$@"
-DATA="${DATA:-${DIFFPO_SHARED_DATA:-../shared/data}}"
+DATA="${DATA:-$("$PY" -c "from diffpo_sdk.shared_data import shared_data_dir as d; print(d() or '../shared/data')")}"
 mkdir -p "$OUT/runs"
 if [ "$device" = cuda ]; then
   "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: use --device cpu')"
