@@ -57,3 +57,28 @@ def test_measure_reproduces_the_runs_table_and_the_card_cites_it(tiny_llama_dir:
     assert row.split(" | ")[1:3] == [f"{base['heldout_ar_loss']:.3f}", f"{after['heldout_ar_loss']:.3f}"]
     assert f"a rank-2 LoRA on {tiny_llama_dir}" in text and "Built by `make tiny`" in text
     assert f"## Run 1: recipe `fast` from `{tiny_llama_dir}`" in text and str(tmp_path) not in text
+
+
+def test_a_mixed_precision_run_measures_its_weights_as_saved(tiny_llama_dir: str, tmp_path: Path) -> None:
+    """Under ``--bf16`` accelerate runs the trained model's forward under autocast. The run's own
+    evaluations and final table must still measure the weights as the saved model runs them (in
+    float32, as the untrained column is), so they equal a measurement of the saved model."""
+    from diffpo_sdk.train.__main__ import main as train
+    from diffpo_sdk.train.measure import measure
+
+    data = tiny_data(tmp_path / "traj.jsonl")
+    common = ["--data", str(data), "--transfer-eval-data", str(data), "--max-response-tokens", "8",
+              "--use-cpu", "true", "--eval-fraction", "0.25", "--per-device-eval-batch-size", "4",
+              "--disable-tqdm", "true", "--guard", "false", "--jacobi-states-per-prompt", "1",
+              "--dataloader-pin-memory", "false", "--recipe", "fast"]
+    run = tmp_path / "bf16"
+    # an evaluation at the last step: the after column reuses its held-out losses
+    assert train([*common, "--model", tiny_llama_dir, "--max-steps", "2", "--eval-steps", "2", "--learning-rate",
+                  "1e-3", "--bf16", "true", "--output-dir", str(run)]) == 0
+    results = json.loads((run / "eval_results.json").read_text())["columns"]
+    got = measure([*common, "--model", str(run), "--eval-base-model", tiny_llama_dir,
+                   "--output-dir", str(tmp_path / "again")])["columns"]
+    for column, measured in (("before", "base"), ("after", "after")):
+        for key, value in results[column].items():
+            if key != "guess_accuracy":  # counted on each model's own branches
+                assert got[measured][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (column, key)

@@ -19,6 +19,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,23 @@ def repetition_rate(sequences: list[list[int]], n: int = 3) -> float:
         total += len(grams)
         repeated += len(grams) - len(set(grams))
     return repeated / total if total else 0.0
+
+
+@contextmanager
+def as_saved(model: Any) -> Iterator[Any]:
+    """``model`` running as its weights are saved and served, without mixed precision's autocast.
+
+    Under ``--bf16`` or ``--fp16`` accelerate replaces the trained model's ``forward`` on the
+    instance with an autocast wrapper, and a copy made during training inherits it, while the
+    untrained copy made before training has none. Measured through it, the before and after
+    columns would be taken in different precisions, and the after column not as the saved
+    model runs. Here the class's own ``forward`` runs, for the duration."""
+    patched = model.__dict__.pop("forward", None)
+    try:
+        yield model
+    finally:
+        if patched is not None:
+            model.forward = patched
 
 
 @torch.no_grad()
@@ -155,21 +174,22 @@ def evaluate_refiner(model: Any, tokenizer: Any, dataset: Any, *, draft_items: l
     measured them (the guard's baseline, the last evaluation), so they are not computed twice."""
     from .trainer import DiffPOCollator
 
-    if losses is None:
-        losses = heldout_losses(model, dataset, DiffPOCollator(dataset.pad), batch_size, **loss_kw)
-    out = {"heldout_ar_loss": losses["ar_loss"]}
-    if "guess_accuracy" in losses:
-        out["guess_accuracy"] = losses["guess_accuracy"]
-    drafts = refine_metrics(model, tokenizer, draft_items, dataset.n, block_size)
-    out["repetition"] = drafts["repetition"]
-    if (long := long_repetition(model, dataset, long_tokens, batch_size)) is not None:
-        out["repetition_long"] = long
-    out["passes_per_token_drafts"] = drafts["passes_per_token"]
-    if transfer_items:
-        out["passes_per_token_transfer"] = refine_metrics(model, tokenizer, transfer_items, dataset.n,
-                                                          block_size)["passes_per_token"]
-    out["preference_accuracy"] = preference_accuracy(model, dataset)
-    return out
+    with as_saved(model):
+        if losses is None:
+            losses = heldout_losses(model, dataset, DiffPOCollator(dataset.pad), batch_size, **loss_kw)
+        out = {"heldout_ar_loss": losses["ar_loss"]}
+        if "guess_accuracy" in losses:
+            out["guess_accuracy"] = losses["guess_accuracy"]
+        drafts = refine_metrics(model, tokenizer, draft_items, dataset.n, block_size)
+        out["repetition"] = drafts["repetition"]
+        if (long := long_repetition(model, dataset, long_tokens, batch_size)) is not None:
+            out["repetition_long"] = long
+        out["passes_per_token_drafts"] = drafts["passes_per_token"]
+        if transfer_items:
+            out["passes_per_token_transfer"] = refine_metrics(model, tokenizer, transfer_items, dataset.n,
+                                                              block_size)["passes_per_token"]
+        out["preference_accuracy"] = preference_accuracy(model, dataset)
+        return out
 
 
 LABELS = {
@@ -211,5 +231,5 @@ def read_results(out_dir: str | Path) -> dict[str, Any]:
     return json.loads((Path(out_dir) / RESULTS).read_text())
 
 
-__all__ = ["answer_scores", "evaluate_refiner", "format_table", "greedy_repetition", "heldout_losses",
+__all__ = ["answer_scores", "as_saved", "evaluate_refiner", "format_table", "greedy_repetition", "heldout_losses",
            "long_repetition", "preference_accuracy", "read_results", "refine_metrics", "repetition_rate", "write_table"]

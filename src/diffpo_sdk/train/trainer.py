@@ -22,7 +22,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, get_schedu
 from transformers.trainer_utils import IntervalStrategy
 
 from ..engine import templating
-from .evaluate import greedy_repetition, heldout_losses, long_repetition, refine_metrics, repetition_rate
+from .evaluate import as_saved, greedy_repetition, heldout_losses, long_repetition, refine_metrics, repetition_rate
 from .loss import answer_mask, diffpo_loss, frontier_rows, pad_answer
 from .recipes import CHOICES, DEFAULT_RECIPE, check_choice, recipe_values
 from .reference import as_model, frozen_copy, prepare_reference, reference_model
@@ -485,25 +485,28 @@ class DiffPOTrainer(Trainer):
         ``model`` (default: the trained one) on ``dataset`` (default: ``eval_dataset``)."""
         ds = self.eval_dataset if dataset is None else dataset
         model = self.model if model is None else model
-        # weight 1: L_Con and the guesses are measured even for the w = 0 control (the weight
-        # scales only the training loss, which is not reported here)
-        metrics = heldout_losses(model, ds, self.data_collator, self.args.per_device_eval_batch_size,
-                                 **self.loss_kwargs())
-        k = min(self.args.guard_prompts, len(ds))
-        items = ds.draft_items(k) if self.processing_class is not None else []
-        if items:
-            # the engine refining held-out drafts at full Jacobi: its output is the greedy answer
-            # (repetition), and the passes it takes are the speed we train for
-            refined = refine_metrics(model, self.processing_class, items, ds.n, ds.n)
-            metrics["repetition"] = refined["repetition"]
-            metrics["passes_per_token_drafts"] = refined["passes_per_token"]
-        elif k:  # no tokenizer for the engine: the greedy answers themselves
-            metrics["repetition"] = greedy_repetition(model, ds, ds.n, self.args.per_device_eval_batch_size, limit=k)
-        if k and self.args.guard_long_repetition_tolerance is not None:
-            long = long_repetition(model, ds, self.args.eval_long_tokens, self.args.per_device_eval_batch_size, limit=k)
-            if long is not None:
-                metrics["repetition_long"] = long
-        return metrics
+        with as_saved(model):  # measured as saved, not under --bf16's autocast
+            # weight 1: L_Con and the guesses are measured even for the w = 0 control (the weight
+            # scales only the training loss, which is not reported here)
+            metrics = heldout_losses(model, ds, self.data_collator, self.args.per_device_eval_batch_size,
+                                     **self.loss_kwargs())
+            k = min(self.args.guard_prompts, len(ds))
+            items = ds.draft_items(k) if self.processing_class is not None else []
+            if items:
+                # the engine refining held-out drafts at full Jacobi: its output is the greedy answer
+                # (repetition), and the passes it takes are the speed we train for
+                refined = refine_metrics(model, self.processing_class, items, ds.n, ds.n)
+                metrics["repetition"] = refined["repetition"]
+                metrics["passes_per_token_drafts"] = refined["passes_per_token"]
+            elif k:  # no tokenizer for the engine: the greedy answers themselves
+                metrics["repetition"] = greedy_repetition(model, ds, ds.n, self.args.per_device_eval_batch_size,
+                                                          limit=k)
+            if k and self.args.guard_long_repetition_tolerance is not None:
+                long = long_repetition(model, ds, self.args.eval_long_tokens, self.args.per_device_eval_batch_size,
+                                       limit=k)
+                if long is not None:
+                    metrics["repetition_long"] = long
+            return metrics
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """The held-out measures on ``eval_dataset`` (default: the trainer's); the collapse guard
