@@ -2,7 +2,9 @@
 
 Both steps are full optimizer steps (forward, backward, AdamW update) on the same model,
 batch and machine, interleaved and repeated; the figure is the ratio of medians. The SFT
-step is transformers' own causal-LM loss on ``[prompt, target]``, nothing of ours.
+step is transformers' own causal-LM loss on ``[prompt, target]``, nothing of ours. With
+``--bf16`` the SFT and default-recipe steps are timed again with their forwards under
+bfloat16 autocast, as ``train --bf16`` runs them, beside the float32 ones.
 """
 
 from __future__ import annotations
@@ -12,7 +14,14 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from functools import partial
 from pathlib import Path
+from typing import Any
+
+#: a step's forward runs inside one of these: ``nullcontext`` (float32) or a bfloat16 autocast
+Precision = Callable[[], AbstractContextManager[Any]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--bf16", action="store_true", help="also time the SFT and default-recipe steps under bfloat16 "
+                   "autocast (what `train --bf16` does), beside float32")
     p.add_argument("--output", default="bench_train.json")
     args = p.parse_args(argv)
 
@@ -61,8 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def sft() -> None:
-        loss = model(input_ids=batch["target_ids"], attention_mask=batch["target_attention_mask"], labels=labels).loss
+    bf16: Precision = partial(torch.autocast, device.type, dtype=torch.bfloat16)
+
+    def sft(precision: Precision = nullcontext) -> None:
+        with precision():
+            loss = model(input_ids=batch["target_ids"], attention_mask=batch["target_attention_mask"],
+                         labels=labels).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -98,14 +113,18 @@ def main(argv: list[str] | None = None) -> int:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def default_step(rows: dict[str, torch.Tensor]) -> None:  # diffpo_loss's options default to that recipe's
-        diffpo_loss(model, rows, 1.0, reference=reference).loss.backward()
+    def default_step(rows: dict[str, torch.Tensor], precision: Precision = nullcontext) -> None:
+        with precision():  # diffpo_loss's options default to that recipe's
+            loss = diffpo_loss(model, rows, 1.0, reference=reference).loss
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     steps = {"sft": sft, "diffpo_answers": diffpo, "diffpo_jacobi": jacobi_row, "diffpo_frontier": frontier,
              "default_recipe": lambda: default_step(packed),
              "default_target_apart": lambda: default_step(separate)}
+    if args.bf16:
+        steps |= {"sft_bf16": lambda: sft(bf16), "default_recipe_bf16": lambda: default_step(packed, bf16)}
     times: dict[str, list[float]] = {k: [] for k in steps}
     for fn in steps.values():  # warm-up (allocator, optimizer state)
         fn()
@@ -127,11 +146,16 @@ def main(argv: list[str] | None = None) -> int:
         # what packing the target into the frontier rows saves the default recipe's step
         "ratio_target_apart_vs_packed": med["default_target_apart"] / med["default_recipe"], "target_ratio": 2.3,
     }
+    if args.bf16:  # below 1: the bfloat16 step is faster
+        result |= {f"ratio_{k}_bf16_vs_float32": med[f"{k}_bf16"] / med[k] for k in ("sft", "default_recipe")}
     print(f"train step on {device} ({torch.get_num_threads()} threads), batch {args.batch_size}, N={args.max_response_tokens}")
     for k, v in med.items():
         print(f"  {k:21s} {v * 1000:8.0f} ms  ({v / med['sft']:.2f}x SFT)")
     ok = max(result[f"ratio_{k}_vs_sft"] for k in ("answers", "jacobi", "frontier", "default_recipe")) <= 2.3
     print(f"  target <= 2.3x SFT: {'met' if ok else 'NOT met'}")
+    if args.bf16:
+        print("  bfloat16 autocast against float32: " + ", ".join(
+            f"{k} {result[f'ratio_{k}_bf16_vs_float32']:.2f}x" for k in ("sft", "default_recipe")))
     Path(args.output).write_text(json.dumps(result, indent=2))
     return 0
 
