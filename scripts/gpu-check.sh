@@ -3,7 +3,7 @@
 #   exactness in bfloat16 and float32 against generate in the same dtype (diffpo bench check),
 #   the adaptive policy's widths beside its measured pass cost,
 #   diffpo bench speed at batch 1 and 8, real and fixed-point drafts, single and two-turn,
-#   blocks 16 / 64 / auto, and diffpo bench train steps.
+#   blocks 16 / 64 / auto, and diffpo bench train steps (float32 and bfloat16 autocast).
 # Writes $OUT/gpu-check.json (everything) and $OUT/gpu-check.md (the tables); exits non-zero
 # when an exactness or policy check fails.
 #
@@ -40,7 +40,7 @@ if [ ! -f ../shared/data/alpaca_eval/multi_model_preferences.jsonl.gz ]; then  #
   printf '%s\n' '{"messages": [{"role": "user", "content": "Give me three tips for staying healthy."}], "target": "1. Eat plenty of vegetables and fruit, and drink water through the day.\n2. Sleep seven to nine hours a night at regular times.\n3. Move every day: a brisk 30-minute walk counts.", "others": ["1. eat food 2. sleep 3. walk sometimes"]}' > "$OUT/parts/trajectories.jsonl"
   train_data=(--data "$OUT/parts/trajectories.jsonl")
 fi
-"$PY" -m diffpo_sdk.bench train --device "$device" --repeats "$train_repeats" "${train_data[@]}" \
+"$PY" -m diffpo_sdk.bench train --device "$device" --repeats "$train_repeats" --bf16 "${train_data[@]}" \
   --output "$OUT/parts/train.json" || status=1
 
 "$PY" - "$OUT" <<'PYEOF'
