@@ -19,17 +19,20 @@ def tiny_data(path: Path) -> Path:
     return path
 
 
+def run_flags(data: Path) -> list[str]:
+    """A `fast` run of a tiny model on ``data``, its held-out quarter measured (training and measuring alike)."""
+    return ["--data", str(data), "--transfer-eval-data", str(data), "--max-response-tokens", "8", "--use-cpu", "true",
+            "--eval-fraction", "0.25", "--per-device-eval-batch-size", "4", "--disable-tqdm", "true", "--guard", "false",
+            "--jacobi-states-per-prompt", "1", "--dataloader-pin-memory", "false", "--recipe", "fast"]
+
+
 def test_measure_reproduces_the_runs_table_and_the_card_cites_it(tiny_llama_dir: str, tmp_path: Path) -> None:
     from diffpo_sdk.train.__main__ import main as train
     from diffpo_sdk.train.card import main as card
     from diffpo_sdk.train.extract import extract_lora
     from diffpo_sdk.train.measure import measure
 
-    data = tiny_data(tmp_path / "traj.jsonl")
-    common = ["--data", str(data), "--transfer-eval-data", str(data), "--max-response-tokens", "8",
-              "--use-cpu", "true", "--eval-fraction", "0.25", "--per-device-eval-batch-size", "4",
-              "--disable-tqdm", "true", "--guard", "false", "--jacobi-states-per-prompt", "1",
-              "--dataloader-pin-memory", "false", "--eval-long-tokens", "16", "--recipe", "fast"]
+    common = [*run_flags(tiny_data(tmp_path / "traj.jsonl")), "--eval-long-tokens", "16"]
     run = tmp_path / "full"
     assert train([*common, "--model", tiny_llama_dir, "--max-steps", "2", "--learning-rate", "1e-3",
                   "--eval-strategy", "no", "--output-dir", str(run)]) == 0
@@ -66,11 +69,7 @@ def test_a_mixed_precision_run_measures_its_weights_as_saved(tiny_llama_dir: str
     from diffpo_sdk.train.__main__ import main as train
     from diffpo_sdk.train.measure import measure
 
-    data = tiny_data(tmp_path / "traj.jsonl")
-    common = ["--data", str(data), "--transfer-eval-data", str(data), "--max-response-tokens", "8",
-              "--use-cpu", "true", "--eval-fraction", "0.25", "--per-device-eval-batch-size", "4",
-              "--disable-tqdm", "true", "--guard", "false", "--jacobi-states-per-prompt", "1",
-              "--dataloader-pin-memory", "false", "--recipe", "fast"]
+    common = run_flags(tiny_data(tmp_path / "traj.jsonl"))
     run = tmp_path / "bf16"
     # an evaluation at the last step: the after column reuses its held-out losses
     assert train([*common, "--model", tiny_llama_dir, "--max-steps", "2", "--eval-steps", "2", "--learning-rate",
