@@ -44,10 +44,10 @@ def as_saved(model: Any) -> Iterator[Any]:
     """``model`` running as its weights are saved and served, without mixed precision's autocast.
 
     Under ``--bf16`` or ``--fp16`` accelerate replaces the trained model's ``forward`` on the
-    instance with an autocast wrapper, and a copy made during training inherits it, while the
-    untrained copy made before training has none. Measured through it, the before and after
-    columns would be taken in different precisions, and the after column not as the saved
-    model runs. Here the class's own ``forward`` runs, for the duration."""
+    instance with an autocast wrapper (a copy made during training inherits it; the untrained
+    copy made before training has none). Measured through it, a column would mix precisions and
+    would not say what the saved model does. Here the class's own ``forward`` runs, for the
+    duration."""
     patched = model.__dict__.pop("forward", None)
     try:
         yield model
