@@ -191,14 +191,17 @@ def test_each_replica_exports_its_metrics_to_one_scrape(cluster):
         return {part.split('"')[1] for ln in lines for part in ln.split(",") if part.startswith("replica=")}
 
     # Serve's router may send sequential requests all to one idle replica (seen in CI: 10 of 10),
-    # so each try sends a concurrent burst, which it spreads by queue length, then scrapes
+    # so while a replica is missing from the scrape, each try sends a concurrent burst, which the
+    # router spreads by queue length
     seen: set[str] = set()
 
     def both_replicas_exported() -> bool:
+        seen.update(replicas_seen())
+        if len(seen) == 2:
+            return True
         with ThreadPoolExecutor(len(ITEMS)) as pool:
             assert list(pool.map(refine, ITEMS)) == [200] * len(ITEMS)
-        seen.update(replicas_seen())
-        return len(seen) == 2
+        return False
 
     try:
         wait_for("both replicas' diffpo metrics in the Ray scrape", both_replicas_exported, timeout=120, every=1.0)
